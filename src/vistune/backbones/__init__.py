@@ -1,0 +1,173 @@
+"""Load a backbone by name and wrap it in its family view.
+
+A name is resolved in this order: ``--random-init`` (random weights, announced), a local
+``--checkpoint`` file, vistune's own packaged backbones (``vistune/...``), the offline
+packaged ImageNet CNNs, and finally the timm hub (needs a network connection).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import timm
+import torch
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from ..errors import VistuneError, suggest
+from .base import BackboneSpec, BackboneView
+from .cnn import CNNView
+from .offline import (
+    OFFLINE_BACKBONES,
+    load_state_by_position,
+    packaged_backbones,
+    packaged_weights_path,
+)
+from .swin import SwinView
+from .vit import ViTView
+
+log = logging.getLogger("vistune")
+
+FAMILY_VIEWS: list[tuple[tuple[type, ...], type[BackboneView]]] = [
+    ((VisionTransformer,), ViTView),
+    ((SwinTransformer,), SwinView),
+    ((EfficientNet, MobileNetV3, ResNet, ConvNeXt), CNNView),
+]
+FAMILIES = ("vit", "swin", "cnn")
+
+__all__ = [
+    "BackboneSpec", "BackboneView", "CNNView", "SwinView", "ViTView", "FAMILIES",
+    "load_backbone", "view_for", "OFFLINE_BACKBONES", "packaged_backbones",
+]
+
+
+def view_for(model: torch.nn.Module, spec: BackboneSpec) -> BackboneView:
+    """Wrap a stock timm model (its classifier removed) in the view of its family."""
+    for classes, view_cls in FAMILY_VIEWS:
+        if isinstance(model, classes):
+            model.reset_classifier(0)
+            return view_cls(model, spec)
+    raise VistuneError(
+        f"backbone {spec.name!r} is a {type(model).__name__}, a family vistune has no view for",
+        "use a timm VisionTransformer, SwinTransformer, EfficientNet/MobileNet, ResNet or ConvNeXt "
+        "model (see `vistune backbones`)",
+    )
+
+
+def _create(arch: str, spec_name: str, **kwargs) -> torch.nn.Module:
+    try:
+        return timm.create_model(arch, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
+            choices = list(timm.list_models()) + list(OFFLINE_BACKBONES) + list(packaged_backbones())
+            raise VistuneError(
+                f"unknown backbone {spec_name!r}.{suggest(arch, choices)}",
+                "run `vistune backbones` for the offline ones, or see timm.list_models() for timm names",
+            ) from None
+        raise
+
+
+def _load_file(model: torch.nn.Module, path: str, name: str) -> None:
+    if not os.path.isfile(path):
+        raise VistuneError(f"checkpoint file not found: {path}", "check the --checkpoint path")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    elif ext == ".npz":
+        # timm's own loader understands big_vision/JAX .npz checkpoints of ViTs
+        if not hasattr(model, "load_pretrained"):
+            raise VistuneError(f"{path}: .npz checkpoints are only understood for ViT models")
+        model.load_pretrained(path)
+        return
+    elif ext in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise VistuneError(
+                f"{path} could not be read as a plain weights file ({type(e).__name__}); vistune "
+                "never unpickles arbitrary objects",
+                "save the weights as a state_dict (torch.save(model.state_dict(), f)) or as .safetensors",
+            ) from None
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    else:
+        raise VistuneError(
+            f"{path}: unknown checkpoint format {ext!r}", "use .safetensors, .pth/.pt or .npz"
+        )
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    head_keys = {k for k in state if k not in own}
+    if set(state) - head_keys == set(own) or set(own) <= set(state):
+        model.load_state_dict({k: v for k, v in state.items() if k in own})
+        return
+    try:
+        load_state_by_position(model, state, path)
+    except VistuneError:
+        missing = sorted(set(own) - set(state))[:5]
+        raise VistuneError(
+            f"{path} does not fit timm architecture {name!r}: e.g. missing {missing}",
+            "check that --backbone names the architecture these weights were trained with",
+        ) from None
+
+
+def load_backbone(
+    name: str,
+    *,
+    checkpoint: str | None = None,
+    random_init: bool = False,
+    model_kwargs: dict | None = None,
+) -> BackboneView:
+    """Build a frozen backbone view from a timm name, a local file or an offline package."""
+    model_kwargs = dict(model_kwargs or {})
+    packaged = packaged_backbones()
+    if name in packaged and not random_init and checkpoint is None:
+        card = packaged[name]
+        arch, kwargs = card["architecture"], {**card.get("model_kwargs", {}), **model_kwargs}
+        model = _create(arch, name, pretrained=False, **kwargs)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(packaged_weights_path(card)))
+        spec = BackboneSpec(name, arch, f"vistune:{card['weights']}", None, kwargs)
+        return view_for(model, spec)
+
+    offline = OFFLINE_BACKBONES.get(name)
+    arch = offline.architecture if offline else name
+    if name in packaged:
+        arch = packaged[name]["architecture"]
+        model_kwargs = {**packaged[name].get("model_kwargs", {}), **model_kwargs}
+    if random_init:
+        log.warning("backbone %s: RANDOM weights (--random-init), not pretrained", name)
+        model = _create(arch, name, pretrained=False, **model_kwargs)
+        return view_for(model, BackboneSpec(name, arch, "random-init", None, model_kwargs))
+    if checkpoint is not None:
+        model = _create(arch, name, pretrained=False, **model_kwargs)
+        _load_file(model, checkpoint, arch)
+        spec = BackboneSpec(name, arch, "file", os.path.abspath(checkpoint), model_kwargs)
+        return view_for(model, spec)
+    if offline is not None and offline.available():
+        model = _create(arch, name, pretrained=False, **model_kwargs)
+        state = torch.load(offline.weights_path(), map_location="cpu", weights_only=True)
+        load_state_by_position(model, state, offline.package)
+        return view_for(model, BackboneSpec(name, arch, f"package:{offline.package}", None, model_kwargs))
+
+    model = _create(arch, name, pretrained=False, **model_kwargs)  # validates the name offline
+    try:
+        model = timm.create_model(arch, pretrained=True, **model_kwargs)
+    except Exception as e:  # hub/network failures come in many exception types
+        hint = f"install its offline package: {offline.install}" if offline else (
+            "connect to the internet, pass --checkpoint FILE with local weights, or use an offline "
+            "backbone (`vistune backbones`)"
+        )
+        raise VistuneError(
+            f"could not download pretrained weights for {name!r} ({type(e).__name__}: {str(e)[:200]})",
+            hint,
+        ) from None
+    return view_for(model, BackboneSpec(name, arch, "hub", None, model_kwargs))

@@ -1,0 +1,19 @@
+"""The method registry. Importing this package registers every built-in method."""
+from . import adapter, bias, full, linear, mlp, partial, sidetune  # noqa: F401  (registration)
+from .base import (
+    CATEGORIES,
+    METHODS,
+    Method,
+    MethodConfig,
+    MethodInfo,
+    adapt,
+    count_parameters,
+    make_config,
+    register,
+    resolve_method,
+)
+
+__all__ = [
+    "CATEGORIES", "METHODS", "Method", "MethodConfig", "MethodInfo", "adapt", "count_parameters",
+    "make_config", "register", "resolve_method",
+]

@@ -1,0 +1,98 @@
+"""Adapter (Pfeiffer placement): after the FFN, before its residual, x + up(act(down(x))).
+
+Transformers: each block's ``mlp`` is wrapped, so the adapter sees the FFN output.
+CNNs: a 1×1-conv bottleneck adapter after every residual block (the same bottleneck on the
+feature map's channels); the block widths are read off one dummy forward pass.
+
+The official VPT code zero-initialises down AND up, so only up.bias ever learns; ``init=vpt``
+reproduces that, the default ``init=learn`` (down: Xavier, up: zeros) starts as the identity
+and learns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import VistuneError
+from .base import Method, MethodConfig, option, register
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    reduction: int = option(8, "bottleneck reduction r: hidden width = D // r (paper grid 8, 64, 256)")
+    init: Literal["learn", "vpt"] = option(
+        "learn", "learn: down Xavier, up zeros (identity at start, learns); vpt: official all-zeros init"
+    )
+
+    def validate(self):
+        if self.reduction < 1:
+            raise VistuneError(f"adapter: reduction={self.reduction} must be ≥ 1")
+
+
+class Bottleneck(nn.Module):
+    """x + up(GELU(down(x))) over the last (token) or channel (conv) dimension."""
+
+    def __init__(self, dim: int, reduction: int, init: str, conv: bool):
+        super().__init__()
+        hidden = max(1, dim // reduction)
+        layer = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+        self.down, self.act, self.up = layer(dim, hidden), nn.GELU(), layer(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        nn.init.zeros_(self.down.bias)
+        if init == "vpt":
+            nn.init.zeros_(self.down.weight)
+        else:
+            nn.init.xavier_uniform_(self.down.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+class AdaptedOutput(nn.Module):
+    """Runs a frozen module, then an adapter on its output."""
+
+    def __init__(self, inner: nn.Module, adapter: Bottleneck):
+        super().__init__()
+        self.inner, self.adapter = inner, adapter
+
+    def forward(self, x, *args, **kwargs):
+        return self.adapter(self.inner(x, *args, **kwargs))
+
+
+def _block_out_channels(backbone, blocks) -> list[int]:
+    dims: dict[int, int] = {}
+    hooks = [b.register_forward_hook(lambda m, i, o: dims.setdefault(id(m), o.shape[1])) for b in blocks]
+    try:
+        with torch.no_grad():
+            size = 64
+            backbone.model(torch.zeros(1, 3, size, size, device=next(backbone.model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [dims[id(b)] for b in blocks]
+
+
+@register("adapter", category="adapter",
+          description="Pfeiffer adapter after each FFN (ViT/Swin) or a 1x1-conv bottleneck after each block (CNN)")
+class Adapter(Method):
+    Config = AdapterConfig
+
+    def __init__(self, backbone, config, num_classes):
+        super().__init__(backbone, config, num_classes)
+        if backbone.family == "cnn":
+            blocks = backbone.blocks()
+            names = backbone.module_names(blocks)
+            for name, dim in zip(names, _block_out_channels(backbone, blocks)):
+                parent_name, _, child = name.rpartition(".")
+                parent = backbone.model.get_submodule(parent_name)
+                wrapped = AdaptedOutput(getattr(parent, child), Bottleneck(dim, config.reduction, config.init, True))
+                setattr(parent, child, wrapped)
+        else:
+            for block in backbone.blocks():
+                dim = block.mlp.fc2.out_features
+                block.mlp = AdaptedOutput(block.mlp, Bottleneck(dim, config.reduction, config.init, False))
+        self.head = self.make_linear_head()

@@ -1,0 +1,249 @@
+"""What every method shares: the typed config, the adapted-model base class, the registry.
+
+A method is one file: a ``@dataclass`` config whose fields carry help text, and a subclass of
+:class:`Method` registered with :func:`register`. ``adapt()`` builds it over a *copy* of the
+backbone view that shares every frozen tensor, so the caller's backbone is never modified.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..backbones import FAMILIES, BackboneView
+from ..errors import VistuneError, suggest
+
+CATEGORIES = ("fine-tuning", "prompt", "adapter", "parameter", "remapping")
+
+
+def option(default, help: str, **kwargs):
+    """A config field with help text (shown by `vistune methods --details` and `--set` errors)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; ``head_init`` is shared by all classification heads."""
+
+    def validate(self) -> None:
+        """Raise VistuneError for out-of-range values; subclasses extend."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def fields_help(cls) -> dict[str, tuple[str, object, str]]:
+        hints = typing.get_type_hints(cls)
+        return {
+            f.name: (_type_name(hints[f.name]), _default(f), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls)
+        }
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, object], method: str) -> "MethodConfig":
+        """Build from ``--set key=value`` strings (or already-typed values)."""
+        valid = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in overrides.items():
+            if key not in valid:
+                raise VistuneError(
+                    f"method {method!r} has no option {key!r}.{suggest(key, valid)}",
+                    f"valid keys: {', '.join(valid) or '(none)'}",
+                )
+            kwargs[key] = _coerce(value, hints[key], f"{method}.{key}")
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return _type_name(args[0]) + "?"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in [str(a) for a in args]:
+            raise VistuneError(f"{where}={value!r} is not one of {list(args)}", f"use one of {list(args)}")
+        return next(a for a in args if str(a) == value)
+    if type(None) in args:
+        if value.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    try:
+        if tp is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float, str):
+            return tp(value)
+    except ValueError:
+        raise VistuneError(f"{where}={value!r} is not a valid {tp.__name__}", None) from None
+    raise VistuneError(f"{where}: cannot parse {value!r} as {tp}")
+
+
+class Method(nn.Module):
+    """An adapted model: a frozen backbone view, the method's few parameters, and a head."""
+
+    info: ClassVar["MethodInfo"]
+    Config: ClassVar[type[MethodConfig]]
+
+    def __init__(self, backbone: BackboneView, config: MethodConfig, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.num_classes = num_classes
+
+    # ---- what subclasses may override -----------------------------------------------------
+    @classmethod
+    def tuned_backbone_parameters(cls, backbone: BackboneView, config) -> set[str]:
+        """Names of backbone parameters this method trains (cloned before training)."""
+        return set()
+
+    def backbone_train_modules(self) -> list[nn.Module]:
+        """Backbone modules that run in train mode while training (all others stay in eval)."""
+        return []
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    # ---- shared behaviour -----------------------------------------------------------------
+    def make_linear_head(self, in_dim: int | None = None) -> nn.Linear:
+        head = nn.Linear(in_dim or self.backbone.feature_dim, self.num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.model.eval()
+        if mode:
+            for m in self.backbone_train_modules():
+                m.train()
+        return self
+
+    def tuned_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor that is not a shared frozen backbone tensor: what an artifact stores."""
+        frozen = self.frozen_tensor_ids()
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
+
+    def frozen_tensor_ids(self) -> set[int]:
+        names = self.backbone.tuned_tensor_names
+        tensors = list(self.backbone.model.named_parameters()) + list(self.backbone.model.named_buffers())
+        return {id(t) for n, t in tensors if n not in names and not t.requires_grad}
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """The frozen backbone tensors by name (for bit-identity checks)."""
+        frozen = self.frozen_tensor_ids()
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in frozen}
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    method_class: type[Method]
+    category: str
+    families: tuple[str, ...]
+    description: str
+
+    @property
+    def config_class(self) -> type[MethodConfig]:
+        return self.method_class.Config
+
+
+METHODS: dict[str, MethodInfo] = {}
+
+
+def register(name: str, *, category: str, families: tuple[str, ...] = FAMILIES, description: str):
+    """Class decorator adding a Method subclass to the registry under ``name``."""
+    if category not in CATEGORIES:
+        raise ValueError(f"category must be one of {CATEGORIES}")
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        info = MethodInfo(name, cls, category, tuple(families), description)
+        cls.info = info
+        METHODS[name] = info
+        return cls
+
+    return deco
+
+
+def resolve_method(name: str) -> tuple[MethodInfo, dict[str, object]]:
+    """Registry lookup; ``partial-2``/``mlp-3`` are shorthand for ``k=2``/``k=3``."""
+    if name in METHODS:
+        return METHODS[name], {}
+    base, _, k = name.rpartition("-")
+    if base in METHODS and k.isdigit() and "k" in {f.name for f in dataclasses.fields(METHODS[base].config_class)}:
+        return METHODS[base], {"k": int(k)}
+    raise VistuneError(
+        f"unknown method {name!r}.{suggest(name, METHODS)}",
+        f"run `vistune methods` to list them ({', '.join(sorted(METHODS))})",
+    )
+
+
+def make_config(name: str, overrides: dict[str, object] | None = None) -> MethodConfig:
+    info, implied = resolve_method(name)
+    return info.config_class.from_overrides({**implied, **(overrides or {})}, info.name)
+
+
+def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int) -> Method:
+    """Wrap a frozen backbone with a method and a ``num_classes`` head; the backbone is untouched."""
+    if isinstance(config, str):
+        config = make_config(config)
+    info = next((i for i in METHODS.values() if i.config_class is type(config)), None)
+    if info is None:
+        raise VistuneError(f"{type(config).__name__} is not the config of a registered method")
+    if backbone.family not in info.families:
+        raise VistuneError(
+            f"method {info.name!r} does not support the {backbone.family} family "
+            f"(backbone {backbone.spec.name!r})",
+            f"it supports: {', '.join(info.families)}; `vistune methods` lists which method fits which family",
+        )
+    if num_classes < 2:
+        raise VistuneError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    config.validate()
+    tuned = info.method_class.tuned_backbone_parameters(backbone, config)
+    view = backbone.clone_for_tuning(tuned)
+    model = info.method_class(view, config, num_classes)
+    return model
+
+
+def count_parameters(model: Method) -> dict[str, int]:
+    """Tuned parameters (with and without the head) and the backbone's size."""
+    tuned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    return {
+        "tuned_params": tuned,
+        "tuned_params_excluding_head": tuned - head,
+        "backbone_params": model.backbone.num_params(),
+    }

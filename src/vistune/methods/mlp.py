@@ -1,0 +1,39 @@
+"""MLP-k: a k-layer MLP head on the frozen feature (VPT's baseline block order)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import VistuneError
+from .base import Method, MethodConfig, option, register
+
+
+@dataclass
+class MLPConfig(MethodConfig):
+    k: int = option(3, "number of Linear layers; the first k-1 are Linear→ReLU→BatchNorm1d→Dropout")
+    hidden_dim: int | None = option(None, "width of the hidden layers (default: the feature width D)")
+    dropout: float = option(0.1, "dropout after each hidden layer")
+
+    def validate(self):
+        if self.k < 1:
+            raise VistuneError(f"mlp: k={self.k} must be ≥ 1", "use --set k=2 or more (k=1 is `linear`)")
+        if not 0 <= self.dropout < 1:
+            raise VistuneError(f"mlp: dropout={self.dropout} must be in [0, 1)")
+
+
+@register("mlp", category="fine-tuning",
+          description="MLP-k head on the frozen feature: (k-1)×[Linear,ReLU,BN,Dropout] + Linear (`mlp-3`)")
+class MLP(Method):
+    Config = MLPConfig
+
+    def __init__(self, backbone, config, num_classes):
+        super().__init__(backbone, config, num_classes)
+        width = config.hidden_dim or backbone.feature_dim
+        layers: list[nn.Module] = []
+        in_dim = backbone.feature_dim
+        for _ in range(config.k - 1):
+            layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.BatchNorm1d(width), nn.Dropout(config.dropout)]
+            in_dim = width
+        layers.append(self.make_linear_head(in_dim))
+        self.head = nn.Sequential(*layers)
