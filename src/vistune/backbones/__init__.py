@@ -131,7 +131,7 @@ def load_backbone(
     if name in packaged and not random_init and checkpoint is None:
         card = packaged[name]
         arch, kwargs = card["architecture"], {**card.get("model_kwargs", {}), **model_kwargs}
-        model = _create(arch, name, pretrained=False, **kwargs)
+        model = _create(arch, name, pretrained=False, pretrained_cfg_overlay=card.get("pretrained_cfg"), **kwargs)
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(packaged_weights_path(card)))
@@ -145,7 +145,9 @@ def load_backbone(
         model_kwargs = {**packaged[name].get("model_kwargs", {}), **model_kwargs}
     if random_init:
         log.warning("backbone %s: RANDOM weights (--random-init), not pretrained", name)
-        model = _create(arch, name, pretrained=False, **model_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random backbone every time, so artifacts reload
+            model = _create(arch, name, pretrained=False, **model_kwargs)
         return view_for(model, BackboneSpec(name, arch, "random-init", None, model_kwargs))
     if checkpoint is not None:
         model = _create(arch, name, pretrained=False, **model_kwargs)

@@ -65,7 +65,11 @@ class AdaptedOutput(nn.Module):
 
 def _block_out_channels(backbone, blocks) -> list[int]:
     dims: dict[int, int] = {}
-    hooks = [b.register_forward_hook(lambda m, i, o: dims.setdefault(id(m), o.shape[1])) for b in blocks]
+
+    def record(module, inputs, output) -> None:
+        dims[id(module)] = output.shape[1]
+
+    hooks = [b.register_forward_hook(record) for b in blocks]
     try:
         with torch.no_grad():
             size = 64

@@ -26,6 +26,7 @@ class MLPConfig(MethodConfig):
           description="MLP-k head on the frozen feature: (k-1)×[Linear,ReLU,BN,Dropout] + Linear (`mlp-3`)")
 class MLP(Method):
     Config = MLPConfig
+    trains_head_only = True  # the frozen feature can be computed once (feature cache)
 
     def __init__(self, backbone, config, num_classes):
         super().__init__(backbone, config, num_classes)

@@ -1,0 +1,152 @@
+"""One training job end to end: backbone + data + method → trained artifact + metrics.json.
+
+``vistune train``, ``vistune demo`` and ``vistune bench`` all go through :func:`run_job`.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+
+from . import __version__
+from ._io import atomic_write_json
+from .artifacts import artifact_bytes, save_artifact
+from .backbones import BackboneView, load_backbone
+from .data import DataSplits, build_transforms, load_data
+from .errors import VistuneError
+from .methods import adapt, count_parameters, make_config
+from .training import TrainConfig, evaluate, train
+from .training.trainer import resolve_device
+
+METRICS = "metrics.json"
+
+
+@dataclass
+class Job:
+    backbone: str
+    method: str
+    data: str
+    out: str | None = None
+    overrides: dict = field(default_factory=dict)  # method options (--set key=value)
+    checkpoint: str | None = None
+    random_init: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+    image_size: int | None = None
+    normalization: str = "pretrained_cfg"
+    augment: bool = False
+    train_size: int | None = None
+    val_size: int | None = None
+    protocol: str = "train-val"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def preprocessing_for(backbone: BackboneView, job: Job) -> dict:
+    cfg = timm.data.resolve_data_config({}, model=backbone.model)
+    data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    return {"data_config": data_config, "image_size": job.image_size or cfg["input_size"][-1],
+            "normalization": job.normalization, "augment": job.augment}
+
+
+def transforms_for(preprocessing: dict):
+    return build_transforms(preprocessing["data_config"], image_size=preprocessing["image_size"],
+                            normalization=preprocessing["normalization"], augment=preprocessing["augment"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-wide peak
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Never overwrite a finished run by accident: that would lose a user's artifact."""
+    if resume:
+        return
+    if (out / METRICS).exists():
+        raise VistuneError(
+            f"{out} already holds a finished run ({METRICS})",
+            "choose another --out folder, or delete that one if you no longer need it",
+        )
+    from .training.trainer import STATE_FILE
+
+    if (out / STATE_FILE).exists():
+        raise VistuneError(
+            f"{out} holds an interrupted run ({STATE_FILE})",
+            "add --resume to continue it, or choose another --out folder",
+        )
+
+
+def run_job(job: Job, *, resume: bool = False, progress: bool = True,
+            backbone: BackboneView | None = None, data: DataSplits | None = None) -> dict:
+    """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``."""
+    out = Path(job.out) if job.out else None
+    if out is not None:
+        check_out_dir(out, resume)
+    config = make_config(job.method, job.overrides)  # validate options before any slow loading
+    device = resolve_device(job.train.device)
+    if backbone is None:
+        backbone = load_backbone(job.backbone, checkpoint=job.checkpoint, random_init=job.random_init,
+                                 model_kwargs=job.model_kwargs)
+    prep = preprocessing_for(backbone, job)
+    if data is None:
+        train_tf, eval_tf = transforms_for(prep)
+        data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf,
+                         train_size=job.train_size, val_size=job.val_size, seed=job.train.seed,
+                         protocol=job.protocol)
+    torch.manual_seed(job.train.seed)  # the method's own initialisation
+    model = adapt(backbone, config, num_classes=len(data.class_names))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
+                   augment=job.augment)
+    wall = time.perf_counter() - t0
+    test = None
+    if data.test is not None:
+        test = evaluate(model, data.test, batch_size=max(64, job.train.batch_size), device=device,
+                        amp=job.train.amp, progress=progress, desc="test")
+    counts = count_parameters(model)
+    metrics = {
+        "method": job.method,
+        "method_config": config.to_dict(),
+        "backbone": job.backbone,
+        "backbone_source": backbone.spec.source,
+        "data": job.data,
+        "data_summary": data.summary(),
+        "num_classes": len(data.class_names),
+        "val_accuracy": result.val_accuracy,
+        "best_epoch": result.best_epoch,
+        "test_accuracy": None if test is None else test["accuracy"],
+        **counts,
+        "tuned_percent": 100 * counts["tuned_params"] / counts["backbone_params"],
+        "train_seconds": result.train_seconds,
+        "wall_seconds": wall,
+        "peak_memory_mb": peak_memory_mb(device),
+        "epochs": job.train.epochs,
+        "seed": job.train.seed,
+        "train_config": {**asdict(job.train), "effective_lr": job.train.effective_lr(model),
+                         "optimizer": job.train.resolved_optimizer(model)},
+        "preprocessing": prep,
+        "history": result.history,
+        "device": str(device),
+        "versions": {"vistune": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "python": platform.python_version()},
+    }
+    if out is not None:
+        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep)
+        atomic_write_json(out / METRICS, metrics)
+    metrics["model"] = model  # for in-process callers; not serialised
+    return metrics
+
+
+def read_metrics(out: str | Path) -> dict:
+    return json.loads((Path(out) / METRICS).read_text())
+
+
+__all__ = ["Job", "run_job", "read_metrics", "preprocessing_for", "transforms_for", "artifact_bytes"]

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random-weight stock timm models of every family (no download)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from vistune.backbones import load_backbone  # noqa: E402
+
+TINY = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+    "vit_reg_avg": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                                 reg_tokens=2, class_token=False, global_pool="avg")),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                              num_heads=2)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                                 depths=(1, 1), num_heads=(1, 2))),
+    "efficientnet": ("tf_efficientnet_lite0", dict()),
+    "resnet": ("resnet10t", dict()),
+    "convnext": ("convnext_atto", dict()),
+    "mobilenet": ("mobilenetv2_050", dict()),
+}
+IMAGE_SIZE = 32
+
+
+def tiny_backbone(kind: str):
+    arch, kwargs = TINY[kind]
+    return load_backbone(arch, random_init=True, model_kwargs=kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = tiny_backbone(kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vit_b16():
+    """A ViT-B/16-shaped model with random weights, for exact parameter-count formulas."""
+    return load_backbone("vit_base_patch16_224", random_init=True)
