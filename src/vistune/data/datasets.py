@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,13 @@ class ArrayDataset(ImageDataset):
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return ArrayDataset(self.images, self.all_labels, transform, indices=self.indices[idx])
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if len(self.indices) < len(self.images):  # pickle (e.g. to spawned workers) only this subset's images
+            state.update(images=self.images[self.indices], all_labels=self.labels,
+                         indices=np.arange(len(self.indices)))
+        return state
+
     def __repr__(self) -> str:
         return f"ArrayDataset({len(self)} images of {self.images.shape[1:]})"
 
@@ -137,15 +145,11 @@ def _allocate(counts: np.ndarray, n: int, cap: np.ndarray) -> np.ndarray:
         remaining -= int(add.sum())
         if remaining <= 0:
             break
-        frac = np.where(cap - alloc > 0, share - np.floor(share), -1.0)
+        frac = np.where(cap > alloc, share - np.floor(share), -1.0)
         order = np.lexsort((np.arange(len(counts)), -frac))  # largest remainder first, ties by class index
-        for c in order:
-            if remaining == 0 or cap[c] - alloc[c] <= 0:
-                continue
-            if frac[c] < 0:
-                continue
+        for c in order[: min(remaining, int((frac >= 0).sum()))]:
             alloc[c] += 1
-            remaining -= 1
+        remaining = n - int(alloc.sum())
     return alloc
 
 
@@ -341,3 +345,131 @@ def read_list_folder(root: Path, protocol: str) -> dict:
     if protocol == "final" and has_tv and out["val"] is not None:
         out["final_train"] = ds("train800val200.txt")
     return out
+
+
+# ------------------------------------------------------------------------------------------- load_data
+PROTOCOLS = ("train-val", "final")
+
+
+@dataclass
+class DataSplits:
+    train: Dataset  # items: (image tensor CxHxW float, int label)
+    val: Dataset
+    test: Dataset | None
+    class_names: list[str]
+    source: str  # the spec string it was loaded from
+    val_from_train: bool  # True when val was a fixed-seed stratified split of train
+
+    def summary(self) -> str:
+        test = f"{len(self.test)} test" if self.test is not None else "no test"
+        return f"{len(self.train)} train / {len(self.val)} val / {test}, {len(self.class_names)} classes"
+
+
+def _positive_int(value, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise VistuneError(f"{name} must be a positive integer, got {value!r}", f"e.g. {name}=800")
+    return int(value)
+
+
+def _resolve(spec: str, protocol: str) -> dict:
+    """Read the raw splits of ``spec``: {'class_names', 'train', 'val'|None, 'test'|None, ['final_train']}."""
+    from .builtin import BUILTIN_DATASETS, load_builtin, read_image_tarball
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "train").is_dir():
+            return read_folder(path)
+        if any((path / name).is_file() for name in LIST_FILES):
+            return read_list_folder(path, protocol)
+        subdirs = _visible_dirs(path)
+        hint = ""
+        if subdirs and any(_images_under(d) for d in subdirs[:20]):
+            hint = (f" (its sub-folders {', '.join(d.name for d in subdirs[:5])}{'…' if len(subdirs) > 5 else ''} "
+                    "hold images: if they are classes, move them into a train/ folder)")
+        raise VistuneError(
+            f"{path} has neither a train/ folder nor list files ({', '.join(LIST_FILES)}){hint}",
+            f"lay it out as {path}/train/<class>/<image> (optional val/ and test/ alike), "
+            "or add NOAH/VTAB-1k list files with lines '<relative/path> <label>'",
+        )
+    if path.is_file():
+        if spec.lower().endswith((".tar.gz", ".tgz", ".tar")):
+            return read_image_tarball(path)
+        raise VistuneError(f"{path} is a file, not a data folder",
+                           f"give the folder that holds train/ or the list files (perhaps {path.parent})")
+    name, sep, arg = spec.partition(":")
+    key = name.strip().lower().replace("_", "-")
+    if key == "cifar10" and sep and Path(arg).expanduser().is_dir():
+        return _resolve(arg, protocol)  # an extracted cifar10 tarball is a plain folder
+    if key in BUILTIN_DATASETS:
+        return load_builtin(key, arg if sep else None)
+    from ..errors import suggest
+
+    looks_like_path = os.sep in spec or "/" in spec or spec.startswith(".")
+    where = f"no such folder: {spec}" if looks_like_path and not sep else f"unknown data set {spec!r}"
+    raise VistuneError(
+        f"{where}; it is neither a folder nor a built-in data set.{suggest(key, BUILTIN_DATASETS)}",
+        "give a folder (train/<class>/<image>, or NOAH/VTAB-1k list files) or a built-in data set: "
+        + ", ".join(k + (":<path>" if k == "cifar10" else "") for k in BUILTIN_DATASETS),
+    )
+
+
+def load_data(spec: str, *, train_transform, eval_transform, train_size: int | None = None,
+              val_size: int | None = None, seed: int = 0, val_fraction: float = 0.2,
+              protocol: str = "train-val") -> DataSplits:
+    """Load train / val / (test) splits from a folder, list-file folder, built-in name or ``cifar10:<path>``.
+
+    Without a val split, val is a stratified ``val_fraction`` (or ``val_size``) of train, fixed by ``seed``.
+    ``train_size``/``val_size`` take stratified subsets (VTAB-1k style: 800/200). ``protocol='final'``
+    trains on train ∪ val (val stays as it is, for monitoring)."""
+    if protocol not in PROTOCOLS:
+        from ..errors import suggest
+
+        raise VistuneError(f"unknown protocol {protocol!r}.{suggest(str(protocol), PROTOCOLS)}",
+                           "use 'train-val' (select on val) or 'final' (retrain on train + val)")
+    train_size = _positive_int(train_size, "train_size")
+    val_size = _positive_int(val_size, "val_size")
+    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise VistuneError(f"val_fraction must be between 0 and 1, got {val_fraction!r}", "e.g. val_fraction=0.2")
+    raw = _resolve(str(spec), protocol)
+    class_names = list(raw["class_names"])
+    pool: ImageDataset = raw["train"]
+    val: ImageDataset | None = raw["val"]
+    test: ImageDataset | None = raw["test"]
+    val_from_train = val is None
+    if val is None:
+        n_val = val_size if val_size is not None else max(1, round(val_fraction * len(pool)))
+        can_give = int(np.sum(np.maximum(np.bincount(pool.labels) - 1, 0)))
+        if n_val > can_give:
+            raise VistuneError(
+                f"{spec} has {len(pool)} training images: too few to split off {n_val} for validation "
+                "while keeping every class in train",
+                "add images, add a val split, or ask for fewer validation images (val_size / val_fraction)",
+            )
+        val_idx, rest = stratified_pick(pool.labels, n_val, seed, keep_one=True)
+        val, pool = pool.subset(val_idx), pool.subset(rest)
+    elif val_size is not None:
+        if val_size > len(val):
+            raise VistuneError(f"val_size={val_size} exceeds the {len(val)} validation images of {spec}",
+                               f"use val_size of at most {len(val)}")
+        val = val.subset(stratified_pick(val.labels, val_size, seed)[0])
+    if train_size is not None:
+        if train_size > len(pool):
+            after = f" (after splitting off {len(val)} for validation)" if val_from_train else ""
+            raise VistuneError(f"train_size={train_size} exceeds the {len(pool)} training images of {spec}{after}",
+                               f"use train_size of at most {len(pool)}")
+        pool = pool.subset(stratified_pick(pool.labels, train_size, seed)[0])
+    if protocol == "final":
+        if raw.get("final_train") is not None and train_size is None and val_size is None:
+            pool = raw["final_train"]
+        else:
+            pool = concat(pool, val, None)
+    return DataSplits(
+        train=pool.with_transform(train_transform),
+        val=val.with_transform(eval_transform),
+        test=test.with_transform(eval_transform) if test is not None else None,
+        class_names=class_names,
+        source=str(spec),
+        val_from_train=val_from_train,
+    )

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-
 from ..errors import VistuneError, suggest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -13,21 +10,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("pretrained_cfg", "paper")
 DEFAULT_CROP_PCT = 0.875
 
-_INTERPOLATIONS = {m.value: m for m in InterpolationMode}
+def _interpolation(name):
+    from torchvision.transforms import InterpolationMode  # torchvision is slow to import: only when needed
 
-
-def _interpolation(name) -> InterpolationMode:
     if isinstance(name, InterpolationMode):
         return name
     name = str(name or "bilinear").lower()
     if name == "random":  # timm's train-time random choice: use the usual default for deterministic eval
         name = "bilinear"
-    if name not in _INTERPOLATIONS:
+    modes = {m.value: m for m in InterpolationMode}
+    if name not in modes:
         raise VistuneError(
-            f"unknown interpolation {name!r} in the data config.{suggest(name, _INTERPOLATIONS)}",
-            f"use one of {', '.join(_INTERPOLATIONS)}",
+            f"unknown interpolation {name!r} in the data config.{suggest(name, modes)}",
+            f"use one of {', '.join(modes)}",
         )
-    return _INTERPOLATIONS[name]
+    return modes[name]
 
 
 def _triple(values, key: str) -> tuple[float, float, float]:
@@ -65,6 +62,8 @@ def build_transforms(data_config: dict, *, image_size: int | None = None,
         image_size = int(input_size[-1])
     if isinstance(image_size, bool) or int(image_size) != image_size or int(image_size) < 1:
         raise VistuneError(f"image size must be a positive integer, got {image_size!r}", "e.g. --image-size 224")
+    from torchvision import transforms as T
+
     size = int(image_size)
     interp = _interpolation(data_config.get("interpolation", "bilinear"))
     normalize = [T.ToTensor(), T.Normalize(mean, std)]

