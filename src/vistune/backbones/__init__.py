@@ -131,7 +131,8 @@ def load_backbone(
     if name in packaged and not random_init and checkpoint is None:
         card = packaged[name]
         arch, kwargs = card["architecture"], {**card.get("model_kwargs", {}), **model_kwargs}
-        model = _create(arch, name, pretrained=False, pretrained_cfg_overlay=card.get("pretrained_cfg"), **kwargs)
+        model = _create(arch, name, pretrained=False, pretrained_cfg_overlay=card.get("pretrained_cfg"),
+                        num_classes=0, **kwargs)
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(packaged_weights_path(card)))

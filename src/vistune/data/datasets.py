@@ -416,13 +416,14 @@ def _resolve(spec: str, protocol: str) -> dict:
 
 
 def load_data(spec: str, *, train_transform, eval_transform, train_size: int | None = None,
-              val_size: int | None = None, seed: int = 0, val_fraction: float = 0.2,
-              protocol: str = "train-val") -> DataSplits:
+              val_size: int | None = None, test_size: int | None = None, seed: int = 0,
+              val_fraction: float = 0.2, protocol: str = "train-val") -> DataSplits:
     """Load train / val / (test) splits from a folder, list-file folder, built-in name or ``cifar10:<path>``.
 
     Without a val split, val is a stratified ``val_fraction`` (or ``val_size``) of train, fixed by ``seed``.
     ``train_size``/``val_size`` take stratified subsets (VTAB-1k style: 800/200). ``protocol='final'``
-    trains on train ∪ val (val stays as it is, for monitoring)."""
+    trains on train ∪ val (val stays as it is, for monitoring). ``test_size`` evaluates on a fixed
+    stratified subset of test (seed 0, the same for every run), for quick comparisons."""
     if protocol not in PROTOCOLS:
         from ..errors import suggest
 
@@ -430,6 +431,7 @@ def load_data(spec: str, *, train_transform, eval_transform, train_size: int | N
                            "use 'train-val' (select on val) or 'final' (retrain on train + val)")
     train_size = _positive_int(train_size, "train_size")
     val_size = _positive_int(val_size, "val_size")
+    test_size = _positive_int(test_size, "test_size")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
         raise VistuneError(f"val_fraction must be between 0 and 1, got {val_fraction!r}", "e.g. val_fraction=0.2")
     raw = _resolve(str(spec), protocol)
@@ -460,6 +462,8 @@ def load_data(spec: str, *, train_transform, eval_transform, train_size: int | N
             raise VistuneError(f"train_size={train_size} exceeds the {len(pool)} training images of {spec}{after}",
                                f"use train_size of at most {len(pool)}")
         pool = pool.subset(stratified_pick(pool.labels, train_size, seed)[0])
+    if test_size is not None and test is not None and test_size < len(test):
+        test = test.subset(stratified_pick(test.labels, test_size, 0)[0])
     if protocol == "final":
         if raw.get("final_train") is not None and train_size is None and val_size is None:
             pool = raw["final_train"]

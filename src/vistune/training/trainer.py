@@ -118,7 +118,7 @@ class FeatureCache(Dataset):
         model.eval()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         with torch.no_grad():
-            for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            for x, y in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
                 with _autocast(device, amp):
                     feats.append(model.features(x.to(device)).float())
                 labels.append(y.to(device))
@@ -175,7 +175,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     correct, total, loss_sum = 0, 0, 0.0
-    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for x, y in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
             logits = model(x)
@@ -234,7 +234,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
 
     steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: BatchNorm heads need batches > 1
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-               desc=f"train {model.info.name}", disable=not progress, unit="step", dynamic_ncols=True)
+               desc=f"train {model.info.name}", disable=None if progress else True, unit="step", dynamic_ncols=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
