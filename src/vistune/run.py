@@ -99,6 +99,8 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf,
                          train_size=job.train_size, val_size=job.val_size, seed=job.train.seed,
                          protocol=job.protocol)
+    if getattr(config, "image_size", "absent") is None:  # methods that size parameters by the input
+        config.image_size = prep["image_size"]
     torch.manual_seed(job.train.seed)  # the method's own initialisation
     model = adapt(backbone, config, num_classes=len(data.class_names))
     if device.type == "cuda":

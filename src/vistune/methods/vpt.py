@@ -1,0 +1,165 @@
+"""Visual Prompt Tuning (Jia et al., ECCV 2022): VPT-shallow and VPT-deep.
+
+ViT family: learnable prompt tokens are inserted after the positional embedding, after ALL prefix
+tokens (CLS, registers, DeiT's distillation token): [prefix, P, patches]. Shallow: before block 1
+only, the prompts then travel through every block. Deep: every block gets its own prompts; before
+block i ≥ 2 the previous block's prompt outputs are discarded and replaced. The stock timm blocks
+run on the modified sequence, so attention stays timm's own (fused SDPA). Prompt outputs are
+dropped before the final norm and pooling, so avg-pool models never pool over prompts.
+
+Swin (our design; the official Swin code is buggy, vpt#6): window attention has no slot for extra
+tokens — the token grid is partitioned into windows and merged between stages — so each prompt
+set is an extra set of keys/values that every window of a block attends to. The prompts go
+through the block's own norm1 and qkv projection, the block's relative-position bias is kept for
+patch→patch pairs and is zero for patch→prompt pairs, and the prompts' own outputs are never
+computed (VPT-deep discards them anyway). Deep: every block of every stage has its own prompts
+(stage width); shallow: only the first block of the first stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import VistuneError
+from .base import Method, MethodConfig, option, register
+
+
+@dataclass
+class VPTConfig(MethodConfig):
+    num_tokens: int = option(10, "prompt length p per layer (paper grid 1, 5, 10, 50, 100, 200)")
+    dropout: float | None = option(None, "prompt dropout (default: 0.1 for deep, 0.0 for shallow)")
+    project_dim: int | None = option(
+        None, "if set, prompts live in this smaller dim and one shared Linear(project_dim, D) maps them up"
+    )
+    init: Literal["uniform", "normal"] = option(
+        "uniform", "uniform: U(±sqrt(6/(3·ph·pw + d))) as VPT (0.0625 on ViT-B/16); normal: N(0, 0.02)"
+    )
+    head_init: Literal["default", "vpt"] = option(
+        "default", "vpt: head weight kaiming-normal (fan_out), bias -log(99) ≈ -4.595, as the official code"
+    )
+
+    def validate(self):
+        if self.num_tokens < 1:
+            raise VistuneError(f"vpt: num_tokens={self.num_tokens} must be ≥ 1", "use --set num_tokens=10")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise VistuneError(f"vpt: dropout={self.dropout} must be in [0, 1)")
+        if self.project_dim is not None and self.project_dim < 1:
+            raise VistuneError(f"vpt: project_dim={self.project_dim} must be ≥ 1 (or none)")
+
+
+@dataclass
+class VPTDeepConfig(VPTConfig):
+    pass
+
+
+def _init_prompts(p: torch.Tensor, config: VPTConfig, patch_area: int) -> None:
+    if config.init == "normal":
+        nn.init.normal_(p, std=0.02)
+    else:
+        bound = math.sqrt(6.0 / float(3 * patch_area + p.shape[-1]))
+        nn.init.uniform_(p, -bound, bound)
+
+
+class PromptedWindowAttention(nn.Module):
+    """A stock timm WindowAttention whose windows also attend to a set of prompt keys/values."""
+
+    def __init__(self, inner: nn.Module, norm: nn.Module, prompts: nn.Parameter, dropout: float,
+                 project: nn.Module | None):
+        super().__init__()
+        self.inner, self.norm = inner, norm
+        self.dropout = nn.Dropout(dropout)
+        # owned (and saved) by the method; lists keep them out of this module's state_dict
+        self.prompts, self.project = [prompts], [project]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.inner
+        b_, n, c = x.shape
+        heads = a.num_heads
+        q, k, v = a.qkv(x).reshape(b_, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        prompts = self.prompts[0] if self.project[0] is None else self.project[0](self.prompts[0])
+        prompts = self.norm(self.dropout(prompts))  # as a token in the residual stream: norm1 → qkv
+        p = prompts.shape[0]
+        _, pk, pv = a.qkv(prompts).reshape(p, 3, heads, -1).permute(1, 2, 0, 3).unbind(0)
+        k = torch.cat([pk.unsqueeze(0).expand(b_, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.unsqueeze(0).expand(b_, -1, -1, -1), v], dim=2)
+        bias = a._get_rel_pos_bias()  # (1, heads, n, n): patch→patch only
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.view(1, nw, 1, n, n)).expand(b_ // nw, -1, -1, -1, -1)
+            bias = bias.reshape(b_, heads, n, n)
+        bias = F.pad(bias, (p, 0))  # patch→prompt pairs: no positional bias, never masked
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                             dropout_p=a.attn_drop.p if self.training else 0.0)
+        return a.proj_drop(a.proj(out.transpose(1, 2).reshape(b_, n, -1)))
+
+
+@register("vpt-shallow", category="prompt", families=("vit", "swin"),
+          description="VPT-shallow: p prompt tokens before block 1 (ViT); prompt keys/values in block 1 (Swin)")
+class VPTShallow(Method):
+    Config = VPTConfig
+    deep = False
+
+    def __init__(self, backbone, config, num_classes):
+        super().__init__(backbone, config, num_classes)
+        self.drop_rate = config.dropout if config.dropout is not None else (0.1 if self.deep else 0.0)
+        p = config.num_tokens
+        if backbone.family == "vit":
+            dims = [backbone.embed_dim] * (len(backbone.blocks()) if self.deep else 1)
+            patch_area = math.prod(backbone.patch_size)
+        else:
+            blocks = backbone.blocks() if self.deep else backbone.blocks()[:1]
+            dims = [blk.attn.qkv.in_features for blk in blocks]
+            patch_area = math.prod(backbone.model.patch_embed.patch_size)
+        # prompt projection: one Linear per distinct width (ViT: one; Swin: one per stage width)
+        self.project = None
+        if config.project_dim is not None:
+            self.project = nn.ModuleDict({str(d): nn.Linear(config.project_dim, d) for d in sorted(set(dims))})
+            for lin in self.project.values():
+                nn.init.kaiming_normal_(lin.weight, a=0, mode="fan_out")
+                nn.init.zeros_(lin.bias)
+        prompt_dim = lambda d: config.project_dim or d  # noqa: E731
+        self.prompts = nn.ParameterList([nn.Parameter(torch.empty(p, prompt_dim(d))) for d in dims])
+        for prompt in self.prompts:
+            _init_prompts(prompt, config, patch_area)
+        self.prompt_dropout = nn.Dropout(self.drop_rate)
+        if backbone.family == "swin":
+            blocks = backbone.blocks() if self.deep else backbone.blocks()[:1]
+            for blk, prompt, d in zip(blocks, self.prompts, dims):
+                proj = self.project[str(d)] if self.project is not None else None
+                blk.attn = PromptedWindowAttention(blk.attn, blk.norm1, prompt, self.drop_rate, proj)
+        self.head = self.make_linear_head()
+        if config.head_init == "vpt":
+            nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
+            nn.init.constant_(self.head.bias, -math.log((1 - 0.01) / 0.01))
+
+    def prompt_tokens(self, i: int, batch: int) -> torch.Tensor:
+        p = self.prompts[i]
+        if self.project is not None:
+            p = self.project[str(self.backbone.embed_dim)](p)
+        return self.prompt_dropout(p).unsqueeze(0).expand(batch, -1, -1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone.family == "swin":
+            return self.backbone.forward_features(x)
+        v = self.backbone
+        tokens = v.embed(x)
+        n_prefix, p, batch = v.num_prefix_tokens, self.config.num_tokens, x.shape[0]
+        x = torch.cat([tokens[:, :n_prefix], self.prompt_tokens(0, batch), tokens[:, n_prefix:]], dim=1)
+        for i, block in enumerate(v.blocks()):
+            if self.deep and i > 0:  # discard the previous block's prompt outputs
+                x = torch.cat([x[:, :n_prefix], self.prompt_tokens(i, batch), x[:, n_prefix + p:]], dim=1)
+            x = block(x)
+        x = torch.cat([x[:, :n_prefix], x[:, n_prefix + p:]], dim=1)  # prompts never reach pooling
+        return v.head_features(x)
+
+
+@register("vpt-deep", category="prompt", families=("vit", "swin"),
+          description="VPT-deep: own p prompt tokens at every block, previous prompt outputs discarded")
+class VPTDeep(VPTShallow):
+    Config = VPTDeepConfig
+    deep = True
