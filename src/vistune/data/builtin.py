@@ -14,6 +14,8 @@ from .._io import atomic_write
 from ..errors import VistuneError
 from .datasets import ArrayDataset, stratified_pick
 from .images import decode_image_bytes, is_image_file
+from .synthetic import CLASSES as SYNTHETIC
+from .synthetic import load_synthetic
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -32,6 +34,12 @@ BUILTIN_DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10, 50,000 train + 10,000 test 32×32 RGB images, 10 classes: cifar10:<path> with <path> "
                "a .tar.gz of train/<class>/*.jpg and test/<class>/*.jpg (e.g. cifar10:../shared/data/"
                "cifar10-jpeg.tar.gz) or an extracted folder of that layout; decoded once, then cached",
+    "shapes-loc": "generated: one sprite on black, label = x position in 8 bins (like VTAB dSprites-loc); "
+                  "4,000 train + 1,000 test 64×64, deterministic",
+    "shapes-ori": "generated: one arrow sprite, label = orientation in 8 bins of 45° (like VTAB dSprites-ori); "
+                  "4,000 train + 1,000 test 64×64, deterministic",
+    "clevr-count": "generated: 3-10 coloured objects on grey, label = count (like VTAB CLEVR-count); "
+                   "4,000 train + 1,000 test 64×64, deterministic",
 }
 
 
@@ -266,4 +274,6 @@ def load_builtin(name: str, arg: str | None) -> dict:
     if arg is not None:
         raise VistuneError(f"the built-in data set {name!r} takes no ':<argument>' (got {arg!r})",
                            f"use --data {name}")
+    if name in SYNTHETIC:
+        return load_synthetic(name)
     return {"fashion-mnist": load_fashion_mnist, "mnist5k": load_mnist5k, "digits": load_digits}[name]()

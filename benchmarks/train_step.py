@@ -1,0 +1,169 @@
+"""Train-step time, peak memory and inference latency of vistune methods on one backbone.
+
+Every configuration runs in its own subprocess so that peak memory is its own: CUDA max allocated
+on a GPU, the process's peak RSS on a CPU (that includes the Python + torch baseline; the `floor`
+rows show it). Rows:
+  frozen-floor  forward + input-gradient backward of the bare backbone (what any method that needs
+                gradients at the input pays at least; no parameter gradients)
+  infer-bare    inference of the bare backbone (pooled features)
+  <method>      one optimizer step (forward, backward, SGD step) of the adapted model; its
+                inference latency, and for token prompts the (N+p)/N token floor of the bare time
+
+Example (the table in docs/benchmarks.md):
+  python benchmarks/train_step.py --backbone tf_efficientnet_lite0 --image-size 128 --batch-size 32 \
+      --methods linear,full,partial-1,mlp-3,bias,adapter,sidetune,vpt-pad
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn, device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(args) -> dict:
+    """Runs in the child process: one configuration."""
+    from vistune.backbones import load_backbone
+    from vistune.methods import adapt, count_parameters, make_config
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    backbone = load_backbone(args.backbone, random_init=args.random_init, model_kwargs=kwargs)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    row = {"config": args.config}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.config in ("frozen-floor", "infer-bare"):
+        backbone.to(device)
+        if args.config == "frozen-floor":
+            def step():
+                xi = x.detach().requires_grad_(True)
+                with amp:
+                    out = backbone.forward_features(xi)
+                out.float().sum().backward()
+            row["train_step_ms"] = 1000 * _timeit(step, device, args.steps, args.warmup)
+        else:
+            with torch.no_grad(), amp:
+                row["infer_ms"] = 1000 * _timeit(lambda: backbone.forward_features(x), device, args.steps,
+                                                 args.warmup)
+        row["tuned_params"] = 0
+    else:
+        name, _, opts = args.config.partition(":")
+        sets = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+        config = make_config(name, sets)
+        if getattr(config, "image_size", "absent") is None:
+            config.image_size = args.image_size
+        model = adapt(backbone, config, 10).to(device)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+        def step():
+            model.train()
+            with amp:
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        row["train_step_ms"] = 1000 * _timeit(step, device, args.steps, args.warmup)
+        peak_train = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        model.eval()
+        with torch.no_grad(), amp:
+            row["infer_ms"] = 1000 * _timeit(lambda: model(x), device, args.steps, args.warmup)
+        row["tuned_params"] = count_parameters(model)["tuned_params"]
+        if peak_train is not None:
+            row["peak_mb"] = peak_train
+    if "peak_mb" not in row:
+        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--model-kwargs", default="", help="JSON dict of timm kwargs (with --random-init)")
+    p.add_argument("--methods", default="linear,full,partial-1,mlp-3,bias,adapter,sidetune,vpt-pad",
+                   help="comma list; options after a colon, e.g. vpt-deep:num_tokens=50")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--config", help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config:
+        print(json.dumps(measure(args)))
+        return
+    configs = ["frozen-floor", "infer-bare"] + _split_methods(args.methods)
+    rows = []
+    for config in configs:
+        cmd = [sys.executable, __file__, "--config", config] + [
+            a for a in sys.argv[1:] if not a.startswith("--config")]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode != 0:
+            print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"measured {config}", file=sys.stderr)
+    _print_table(rows, args)
+
+
+def _split_methods(text: str) -> list[str]:
+    """'a,b:k=1,k2=2,c' → ['a', 'b:k=1,k2=2', 'c'] (a key=value continues the previous method)."""
+    out: list[str] = []
+    for part in text.split(","):
+        if "=" in part and ":" not in part and out:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
+def _print_table(rows, args):
+    bare = next((r["infer_ms"] for r in rows if r["config"] == "infer-bare"), None)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.machine()}, " \
+        f"{torch.get_num_threads()} threads"
+    print(f"\nbackbone {args.backbone}, batch {args.batch_size}, {args.image_size}px, {dev}, torch {torch.__version__}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print("| config | tuned params | train step (ms) | peak memory (MiB) | inference (ms) | inference / bare |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['infer_ms'] / bare:.2f}×" if "infer_ms" in r and bare else "-"
+        print(f"| {r['config']} | {r['tuned_params']:,} | {r.get('train_step_ms', float('nan')):.1f} | "
+              f"{r['peak_mb']:.0f} | {r.get('infer_ms', float('nan')):.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
