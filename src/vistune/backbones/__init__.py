@@ -71,6 +71,22 @@ def _create(arch: str, spec_name: str, **kwargs) -> torch.nn.Module:
         raise
 
 
+def _classifier_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the model's classifier (timm's ``get_classifier()``)."""
+    clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(clf, torch.nn.Module):
+        return set()
+    ids = {id(t) for t in [*clf.parameters(), *clf.buffers()]}
+    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in ids}
+
+
+def _with_card_cfg(model: torch.nn.Module, card: dict) -> torch.nn.Module:
+    """Give a model its card's preprocessing (set directly: older timm ignores
+    pretrained_cfg_overlay when pretrained=False)."""
+    model.pretrained_cfg = {**model.pretrained_cfg, **card.get("pretrained_cfg", {})}
+    return model
+
+
 def _load_file(model: torch.nn.Module, path: str, name: str) -> None:
     if not os.path.isfile(path):
         raise VistuneError(f"checkpoint file not found: {path}", "check the --checkpoint path")
@@ -78,7 +94,11 @@ def _load_file(model: torch.nn.Module, path: str, name: str) -> None:
     if ext == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as e:  # SafetensorError, OSError, ...
+            raise VistuneError(f"{path} is not a readable safetensors file ({e})",
+                               "check the --checkpoint path, or re-save the weights") from None
     elif ext == ".npz":
         # timm's own loader understands big_vision/JAX .npz checkpoints of ViTs
         if not hasattr(model, "load_pretrained"):
@@ -104,9 +124,17 @@ def _load_file(model: torch.nn.Module, path: str, name: str) -> None:
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
-    head_keys = {k for k in state if k not in own}
-    if set(state) - head_keys == set(own) or set(own) <= set(state):
-        model.load_state_dict({k: v for k, v in state.items() if k in own})
+    # The classifier is dropped (view_for), so a headless checkpoint, or one whose head has another
+    # number of classes, fits as long as every other tensor is there.
+    body = set(own) - _classifier_keys(model)
+    if body <= set(state):
+        try:
+            model.load_state_dict({k: state[k] for k in body}, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise VistuneError(
+                f"{path} does not fit timm architecture {name!r}: {str(e).splitlines()[-1].strip()}",
+                "check that --backbone names the architecture (and model options) these weights were trained with",
+            ) from None
         return
     try:
         load_state_by_position(model, state, path)
@@ -131,8 +159,7 @@ def load_backbone(
     if name in packaged and not random_init and checkpoint is None:
         card = packaged[name]
         arch, kwargs = card["architecture"], {**card.get("model_kwargs", {}), **model_kwargs}
-        model = _create(arch, name, pretrained=False, pretrained_cfg_overlay=card.get("pretrained_cfg"),
-                        num_classes=0, **kwargs)
+        model = _with_card_cfg(_create(arch, name, pretrained=False, num_classes=0, **kwargs), card)
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(packaged_weights_path(card)))
@@ -149,6 +176,8 @@ def load_backbone(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same random backbone every time, so artifacts reload
             model = _create(arch, name, pretrained=False, **model_kwargs)
+        if name in packaged:  # same architecture and preprocessing as the packaged weights
+            model = _with_card_cfg(model, packaged[name])
         return view_for(model, BackboneSpec(name, arch, "random-init", None, model_kwargs))
     if checkpoint is not None:
         model = _create(arch, name, pretrained=False, **model_kwargs)

@@ -17,7 +17,8 @@ from .images import decode_image_bytes, is_image_file
 from .synthetic import CLASSES as SYNTHETIC
 from .synthetic import load_synthetic
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist puts the IDX files here; VISTUNE_FASHION_MNIST_DIR points elsewhere
+FASHION_MNIST_DIR = Path(os.environ.get("VISTUNE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TEST_SPLIT_SEED = 0  # the fixed train/test split of sets that ship without one never depends on --seed
