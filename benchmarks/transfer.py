@@ -20,7 +20,7 @@ import sys
 import time
 
 SGD_GRID = [0.1, 0.5, 2.0]
-ADAMW_GRID = [3e-4, 1e-3]  # for methods whose default optimizer is AdamW (full fine-tuning)
+ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # methods that default to AdamW
 
 
 def run_task(args) -> list[dict]:
@@ -44,7 +44,7 @@ def run_task(args) -> list[dict]:
             train_tf, eval_tf = transforms_for(preprocessing_for(backbone, probe))
             data = load_data(args.task, train_transform=train_tf, eval_transform=eval_tf, train_size=800,
                              val_size=200, test_size=args.test_size, seed=args.seed)
-        grid = ADAMW_GRID if method == "full" else SGD_GRID
+        grid = ADAMW_GRIDS.get(method, SGD_GRID)
         best = None
         for lr in grid:
             job = Job(backbone=args.backbone, method=method, data=args.task, random_init=random_init,

@@ -125,3 +125,14 @@ def test_family_support_is_checked(tiny_backbones):
     assert set(info.families) == {"vit", "swin", "cnn"}
     with pytest.raises(VistuneError, match="at least 2 classes"):
         adapt(tiny_backbones("vit"), make_config("linear"), 1)
+
+
+def test_moving_an_adapted_model_never_moves_the_callers_backbone(tiny_backbones):
+    """.to() swaps a Parameter's data in place; shared frozen weights must not follow (a CUDA bug)."""
+    backbone = tiny_backbones("efficientnet")
+    model = adapt(backbone, make_config("linear"), 3)
+    first = next(iter(model.backbone.model.parameters()))
+    assert first.data_ptr() == next(iter(backbone.model.parameters())).data_ptr()  # no copy on the same device
+    model.to(torch.float64)
+    assert all(t.dtype == torch.float32 for t in backbone.model.state_dict().values() if t.is_floating_point())
+    adapt(backbone, make_config("adapter"), 3)(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE))  # still consistent

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +17,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from ._io import atomic_write, atomic_write_json
 from .backbones import BackboneSpec, BackboneView, load_backbone
 from .errors import VistuneError
 from .methods import Method, adapt, count_parameters, make_config
@@ -35,13 +35,23 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _staging_file(out: Path, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    return tmp
+
+
 def save_artifact(model: Method, out_dir: str | os.PathLike, *, class_names: list[str],
                   preprocessing: dict, extra: dict | None = None) -> int:
-    """Write the artifact into ``out_dir``; returns its size in bytes (both files)."""
+    """Write the artifact into ``out_dir``; returns its size in bytes (both files).
+
+    Both files are first written in full to temp files and only then renamed over the old ones,
+    so a save that fails or is interrupted leaves the previous artifact intact (a new tensor file
+    never ends up beside the old json).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.tuned_state_dict().items()}
-    atomic_write(out / TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     backbone = model.backbone
     meta = {
         "format": FORMAT,
@@ -55,11 +65,30 @@ def save_artifact(model: Method, out_dir: str | os.PathLike, *, class_names: lis
                      "fingerprint": backbone.fingerprint()},
         "preprocessing": preprocessing,
         "parameters": count_parameters(model),
-        "tensors_sha256": _sha256(out / TENSORS),
+        "tensors_sha256": None,  # filled in below, from the staged tensor file
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         **(extra or {}),
     }
-    atomic_write_json(out / META, meta)
+    staged: list[str] = []
+    try:
+        tmp_tensors = _staging_file(out, TENSORS)
+        staged.append(tmp_tensors)
+        save_file(tensors, tmp_tensors, metadata={"format": FORMAT})
+        meta["tensors_sha256"] = _sha256(tmp_tensors)
+        tmp_meta = _staging_file(out, META)
+        staged.append(tmp_meta)
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+        for tmp in staged:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp_tensors, out / TENSORS)
+        os.replace(tmp_meta, out / META)
+    except BaseException:
+        for tmp in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
     return artifact_bytes(out)
 
 
@@ -82,7 +111,8 @@ def read_meta(out_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise VistuneError(f"{meta_path} is not valid JSON ({e})", "re-run the training that wrote it") from None
     if meta.get("format") != FORMAT:
-        raise VistuneError(f"{meta_path} is not a vistune adapter file (format={meta.get('format')!r})")
+        raise VistuneError(f"{meta_path} is not a vistune adapter file (format={meta.get('format')!r})",
+                           "pass the --out folder of a `vistune train` run")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise VistuneError(
             f"{meta_path} has format version {meta['format_version']}; this vistune reads ≤ {FORMAT_VERSION}",
@@ -109,7 +139,8 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, Exception) as e:
-        raise VistuneError(f"{path} is not a readable safetensors file ({e})") from None
+        raise VistuneError(f"{path} is not a readable safetensors file ({e})",
+                           "restore both files from the same `vistune train` run, or re-train") from None
 
 
 def backbone_for(meta: dict) -> BackboneView:
@@ -154,7 +185,8 @@ def load_artifact(out_dir: str | os.PathLike, backbone: BackboneView | None = No
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
             raise VistuneError(
-                f"{out / TENSORS}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+                f"{out / TENSORS}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}",
+                "the file was edited or comes from another vistune version; re-train or restore it",
             )
     model.load_state_dict(tensors, strict=False)
     return model.to(device).eval(), meta

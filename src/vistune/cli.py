@@ -307,6 +307,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
+
+    # ---- bench / report (src/vistune/bench) ----
+    def _cmd_bench(args) -> int:
+        from .bench.cli import cmd_bench
+
+        return cmd_bench(args)
+
+    def _cmd_report(args) -> int:
+        from .bench.cli import cmd_report
+
+        return cmd_report(args)
+
+    p = sub.add_parser("bench", help="benchmark methods on a suite of tasks (VPT protocol: select lr×wd on val, "
+                                     "retrain with several seeds, report test top-1); resumable")
+    p.add_argument("--suite", required=True, metavar="S",
+                   help="built-in suite (offline-mini, vtab-1k, fgvc) or the path of a suite .toml file")
+    p.add_argument("--methods", required=True, metavar="M,M,…", help="comma-separated methods, e.g. linear,bias,adapter")
+    _add_backbone_args(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="bench folder: results.sqlite, runs/<task>/<method>/seed<k>/, report.md; re-run to resume")
+    p.add_argument("--data-root", metavar="R", help="folder holding <task>/ folders (vtab-1k, fgvc)")
+    p.add_argument("--tasks", metavar="T,T,…", help="only these tasks of the suite")
+    p.add_argument("--epochs", type=int, metavar="N", help="default: the suite's")
+    p.add_argument("--lr-grid", metavar="LR,LR,…", help="base lrs searched on val (default: the suite's)")
+    p.add_argument("--wd-grid", metavar="WD,WD,…", help="weight decays searched on val (default: the suite's)")
+    p.add_argument("--seeds", metavar="S,S,…", help="seeds of the final runs (default: the suite's)")
+    p.add_argument("--image-size", type=int, metavar="N", help="default: the suite's (or the backbone's)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="default: the suite's")
+    p.add_argument("--test-size", type=int, metavar="N", help="fixed stratified test subset (default: the suite's)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="method option (adapter.reduction=8) or per-method epochs/batch_size/optimizer/"
+                        "warmup_epochs/lr_grid/wd_grid (linear.epochs=30); repeatable")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="write the Markdown report + accuracy-vs-params plot of a bench folder")
+    p.add_argument("dir", metavar="DIR", help="the --out folder of `vistune bench`")
+    p.add_argument("--out", metavar="FILE", help="report path (default: DIR/report.md); the plot goes to "
+                                                 "DIR/accuracy_vs_params.png")
+    p.set_defaults(func=_cmd_report)
+    # ---- calibrate (SCT) ----
+    def _cmd_calibrate(args) -> int:
+        from .methods.sct import cli_calibrate
+
+        return cli_calibrate(args)
+
+    p = sub.add_parser("calibrate", help="SCT's calibration pass alone: per-layer salient channels "
+                                         "(top-K indices and class-aware scores)")
+    _add_backbone_args(p)
+    p.add_argument("--data", required=True, metavar="D", help="image folder, list-file folder or built-in data set")
+    p.add_argument("--train-size", type=int, metavar="N", help="stratified N-image subset of train (as `train`)")
+    p.add_argument("--val-size", type=int, metavar="N", help="as `train` (val is carved off train when absent)")
+    p.add_argument("--seed", type=int, default=42, help="as `train`: fixes the subsets")
+    p.add_argument("--image-size", type=int, default=None, help="default: the backbone's pretrained size")
+    p.add_argument("--normalization", choices=["pretrained_cfg", "paper"], default="pretrained_cfg")
+    k = p.add_mutually_exclusive_group()
+    k.add_argument("--top-k", type=int, default=None, metavar="K", help="salient channels per layer/stage")
+    k.add_argument("--ratio", type=float, default=None, metavar="R", help="K = round(D·R), at least 1 (default 1/8)")
+    p.add_argument("--placement", choices=["attn", "mlp"], default="attn",
+                   help="ViT/Swin: attn = input of norm2 (the paper's), mlp = block output; CNNs: stage output")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", metavar="FILE.json", help="write every layer's indices and scores as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 

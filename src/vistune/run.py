@@ -106,6 +106,10 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    if not resume:  # a resumed run restores the prepared state from its checkpoint
+        eval_tf = transforms_for({**prep, "augment": False})[1]
+        model.prepare(data.train.with_transform(eval_tf), device=device,
+                      batch_size=max(64, job.train.batch_size), progress=progress)
     result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
                    augment=job.augment)
     wall = time.perf_counter() - t0

@@ -42,7 +42,11 @@ class BackboneView(nn.Module, abc.ABC):
         self.spec = spec
         self._fingerprint: str | None = None
         self._num_params = sum(p.numel() for p in model.parameters())
-        self.tuned_tensor_names: frozenset[str] = frozenset()
+        # identities of the stock model's modules, and of those whose tensors a method tunes: a
+        # tensor is frozen iff a stock module owns it and it is not tuned (module identity, unlike
+        # a buffer tensor's, survives .to(device); modules a method wraps in are never stock)
+        self.stock_module_ids: frozenset[int] = frozenset(id(m) for m in model.modules())
+        self.tuned_module_ids: frozenset[int] = frozenset()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -108,14 +112,13 @@ class BackboneView(nn.Module, abc.ABC):
             raise KeyError(f"not backbone parameters: {sorted(unknown)[:5]}")
         tuned_modules = {n.rpartition(".")[0] for n in tuned}
         memo: dict[int, torch.Tensor] = {}
-        cloned: set[str] = set(tuned)
         for name, p in self.model.named_parameters():
             if name not in tuned:
-                memo[id(p)] = p
+                # a new Parameter object over the same storage: no copy, yet .to(device) on the clone
+                # (which swaps a Parameter's .data in place) can never move this view's weights
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
         for name, b in self.model.named_buffers():
-            if name.rpartition(".")[0] in tuned_modules:
-                cloned.add(name)
-            else:
+            if name.rpartition(".")[0] not in tuned_modules:
                 memo[id(b)] = b
         model = copy.deepcopy(self.model, memo)
         view = type(self).__new__(type(self))
@@ -124,7 +127,8 @@ class BackboneView(nn.Module, abc.ABC):
         view.spec = self.spec
         view._fingerprint = fingerprint
         view._num_params = self._num_params
-        view.tuned_tensor_names = frozenset(cloned)
+        view.stock_module_ids = frozenset(id(m) for m in model.modules())
+        view.tuned_module_ids = frozenset(id(m) for n, m in model.named_modules() if n in tuned_modules)
         for name, p in model.named_parameters():
             p.requires_grad_(name in tuned)
         model.eval()

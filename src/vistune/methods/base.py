@@ -129,6 +129,11 @@ class Method(nn.Module):
         """Backbone modules that run in train mode while training (all others stay in eval)."""
         return []
 
+    def prepare(self, train_set, *, device: torch.device, batch_size: int, progress: bool) -> None:
+        """Data-dependent set-up before training (e.g. SCT's calibration pass); default: none.
+
+        ``train_set`` yields un-augmented (image, label) pairs of the training split."""
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
 
@@ -152,18 +157,26 @@ class Method(nn.Module):
 
     def tuned_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor that is not a shared frozen backbone tensor: what an artifact stores."""
-        frozen = self.frozen_tensor_ids()
-        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
+        frozen = self.frozen_keys()
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if k not in frozen}
 
-    def frozen_tensor_ids(self) -> set[int]:
-        names = self.backbone.tuned_tensor_names
-        tensors = list(self.backbone.model.named_parameters()) + list(self.backbone.model.named_buffers())
-        return {id(t) for n, t in tensors if n not in names and not t.requires_grad}
+    def frozen_keys(self) -> set[str]:
+        """state_dict keys of the frozen backbone tensors: owned by a stock backbone module, not tuned."""
+        view = self.backbone
+        keys = set()
+        for mod_name, mod in view.model.named_modules():
+            if id(mod) not in view.stock_module_ids:
+                continue
+            prefix = f"backbone.model.{mod_name}." if mod_name else "backbone.model."
+            keys.update(prefix + n for n, p in mod.named_parameters(recurse=False) if not p.requires_grad)
+            if id(mod) not in view.tuned_module_ids:
+                keys.update(prefix + n for n, _ in mod.named_buffers(recurse=False))
+        return keys
 
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """The frozen backbone tensors by name (for bit-identity checks)."""
-        frozen = self.frozen_tensor_ids()
-        return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in frozen}
+        frozen = self.frozen_keys()
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if k in frozen}
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,10 @@ class TrainConfig:
         return self.optimizer or getattr(model, "default_optimizer", "sgd")
 
     def base_lr(self, model: Method) -> float:
-        return self.lr if self.lr is not None else self.DEFAULT_LR[self.resolved_optimizer(model)]
+        """--lr, else the method's own default (if it sets ``default_lr``), else the optimizer's."""
+        if self.lr is not None:
+            return self.lr
+        return getattr(model, "default_lr", None) or self.DEFAULT_LR[self.resolved_optimizer(model)]
 
     def effective_lr(self, model: Method) -> float:
         return self.base_lr(model) * (self.batch_size / 256 if self.lr_scaling else 1.0)

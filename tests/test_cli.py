@@ -1,0 +1,436 @@
+"""The ``vistune`` command end to end on a tiny random-init timm CNN (resnet10t at 32 px) and tiny
+image folders: train → eval → predict, listings, and every bad input ending in exit code 2 with a
+message that names the problem."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+import vistune.cli as cli_mod
+import vistune.training.trainer as trainer_mod
+from vistune.artifacts import META, TENSORS
+from vistune.backbones import load_backbone
+from vistune.methods import CATEGORIES, METHODS
+
+CLASSES = ("ant", "bee", "cat")
+TINY = ["--backbone", "resnet10t", "--random-init", "--image-size", "32"]
+FAST = ["--epochs", "1", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """Run ``vistune ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli_mod.main([str(a) for a in args])
+        except SystemExit as e:  # argparse errors
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def refused(*args) -> str:
+    """Run a command that must fail with exit code 2 and a message; returns the message."""
+    rc, out, err = cli(*args)
+    assert rc == 2, f"exit code {rc}; stdout: {out[-500:]}; stderr: {err[-500:]}"
+    assert err.startswith("error: "), err
+    return " ".join(err.split())  # rich/argparse line breaks don't matter
+
+
+def write_image(path: Path, rgb: np.ndarray, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(rgb, "RGB")
+    if mode == "I;16":
+        grey = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(grey)  # a real 16-bit grey image
+        assert img.mode == "I;16"
+    elif mode == "RGBA":
+        img = img.convert("RGBA")
+        img.putalpha(Image.fromarray(np.full(rgb.shape[:2], 128, np.uint8)))
+    elif mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+
+
+def make_folder(root: Path, n_train: int = 8, n_test: int = 4, modes=("RGB",), seed: int = 0) -> Path:
+    """root/{train,test}/<class>/<i>.png: noisy 24×24 images whose colour tells the class."""
+    rng = np.random.default_rng(seed)
+    k = 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(CLASSES):
+            for i in range(n):
+                base = np.zeros(3)
+                base[c] = 200
+                rgb = np.clip(base + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+                write_image(root / split / name / f"{i:02d}.png", rgb, modes[k % len(modes)])
+                k += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("cli") / "data")
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One real CLI training run of a module tuner with every documented train option."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc, stdout, stderr = cli("train", *TINY, "--method", "adapter", "--set", "reduction=4", "--data", data,
+                             "--out", out, "--epochs", "2", "--batch-size", "4", "--lr", "0.5",
+                             "--weight-decay", "0.0001", "--seed", "5", "--device", "cpu", "--quiet")
+    assert rc == 0, stderr
+    return out, stdout
+
+
+# ------------------------------------------------------------------------------------------ train
+def test_train_writes_artifact_and_metrics(trained):
+    out, stdout = trained
+    assert (out / TENSORS).is_file() and (out / META).is_file() and (out / "metrics.json").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "adapter" and m["backbone"] == "resnet10t" and m["backbone_source"] == "random-init"
+    assert m["epochs"] == 2 and m["seed"] == 5 and len(m["history"]) == 2
+    assert 0.0 <= m["val_accuracy"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
+    assert m["tuned_params"] > m["tuned_params_excluding_head"] > 0
+    assert m["tuned_params"] - m["tuned_params_excluding_head"] == 512 * 3 + 3  # resnet10t feature × 3 classes
+    assert m["backbone_params"] == load_backbone("resnet10t", random_init=True).num_params()
+    assert m["artifact_bytes"] == (out / TENSORS).stat().st_size + (out / META).stat().st_size
+    assert m["train_seconds"] > 0
+    assert m["method_config"]["reduction"] == 4
+    assert m["train_config"]["lr"] == 0.5 and m["train_config"]["weight_decay"] == 0.0001
+    assert m["train_config"]["batch_size"] == 4 and m["device"] == "cpu"
+    assert m["preprocessing"]["image_size"] == 32
+    assert "adapter on resnet10t" in stdout and "test accuracy" in stdout and "adapter.safetensors" in stdout
+
+
+def test_frozen_backbone_of_the_cli_run_is_the_stock_one(trained):
+    out, _ = trained
+    meta = json.loads((out / META).read_text())
+    fresh = load_backbone("resnet10t", random_init=True)
+    assert meta["backbone"]["fingerprint"] == fresh.fingerprint()
+    assert meta["backbone"]["name"] == "resnet10t" and meta["backbone"]["source"] == "random-init"
+
+
+def test_eval_reproduces_the_test_accuracy(trained, data):
+    out, _ = trained
+    m = json.loads((out / "metrics.json").read_text())
+    rc, stdout, err = cli("eval", "--adapter", out, "--data", data, "--split", "test", "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert res["accuracy"] == m["test_accuracy"] and res["n"] == 12 and res["split"] == "test"
+    rc, stdout, _ = cli("eval", "--adapter", out, "--data", data, "--quiet")  # --split test is the default
+    assert rc == 0 and f"accuracy {m['test_accuracy']:.4f} over 12 images" in " ".join(stdout.split())
+
+
+@pytest.mark.xfail(reason="CLI bug: `vistune eval --split val` re-draws val from train with seed 0 instead "
+                          "of the training run's --seed (and ignores --train-size/--val-size)", strict=False)
+def test_eval_on_val_uses_the_training_runs_val_split(trained, data, monkeypatch):
+    import vistune.training as training_mod
+    from vistune.data import load_data
+
+    out, _ = trained
+    seen = []
+    real = training_mod.evaluate
+
+    def record(model, dataset, **kw):
+        seen.append(list(dataset.paths))
+        return real(model, dataset, **kw)
+
+    monkeypatch.setattr(training_mod, "evaluate", record)
+    rc, _, err = cli("eval", "--adapter", out, "--data", data, "--split", "val", "--json", "--quiet")
+    assert rc == 0, err
+    trained_on = load_data(str(data), train_transform=None, eval_transform=None, seed=5)  # the run's --seed 5
+    assert seen == [trained_on.val.paths], "eval --split val must not score images the adapter trained on"
+
+
+def test_predict_top_k_and_json_probabilities(trained, data):
+    out, _ = trained
+    images = sorted((data / "test" / "bee").iterdir())[:2]
+    rc, stdout, err = cli("predict", "--adapter", out, *images, "--top-k", "2")
+    assert rc == 0, err
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert len(lines) == 2
+    for line, img in zip(lines, images):
+        assert str(img) in " ".join(stdout.split()) and sum(c in line for c in CLASSES) >= 1
+
+    rc, stdout, err = cli("predict", "--adapter", out, *images, "--top-k", "7", "--json")
+    assert rc == 0, err
+    results = json.loads(stdout)
+    assert [r["image"] for r in results] == [str(i) for i in images]
+    for r in results:
+        assert set(r["probabilities"]) == set(CLASSES)
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert all(0.0 <= p <= 1.0 for p in r["probabilities"].values())
+        top = r["top_k"]
+        assert len(top) == 3  # --top-k 7 is capped at the number of classes
+        assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+        assert all(r["probabilities"][t["class"]] == t["probability"] for t in top)
+
+
+def test_predict_refuses_a_missing_image(trained, tmp_path):
+    out, _ = trained
+    msg = refused("predict", "--adapter", out, tmp_path / "nope.png")
+    assert "nope.png" in msg and "no such file" in msg
+
+
+def test_eval_refuses_data_with_other_classes(trained, tmp_path):
+    out, _ = trained
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for name in ("x", "y", "z"):
+            write_image(other / split / name / "0.png", np.zeros((8, 8, 3), np.uint8))
+            write_image(other / split / name / "1.png", np.zeros((8, 8, 3), np.uint8))
+    msg = refused("eval", "--adapter", out, "--data", other, "--quiet")
+    assert "differ from the artifact's" in msg and "fix:" in msg
+
+
+def test_eval_and_predict_refuse_a_backbone_whose_weights_changed(data, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights.safetensors"
+    torch.manual_seed(1)
+    stock = load_backbone("resnet10t", random_init=True).model.state_dict()
+    save_file({k: v.contiguous() for k, v in stock.items()}, str(weights))
+    out = tmp_path / "run"
+    rc, _, err = cli("train", "--backbone", "resnet10t", "--checkpoint", weights, "--image-size", "32",
+                     "--method", "linear", "--data", data, "--out", out, *FAST)
+    assert rc == 0, err
+    image = sorted((data / "test" / "ant").iterdir())[0]
+    assert cli("predict", "--adapter", out, image)[0] == 0
+
+    changed = {k: (v + 0.01 if v.is_floating_point() else v).contiguous() for k, v in stock.items()}
+    save_file(changed, str(weights))  # same file name, other weights
+    for args in (("eval", "--adapter", out, "--data", data, "--quiet"), ("predict", "--adapter", out, image)):
+        msg = refused(*args)
+        assert "was trained on backbone 'resnet10t'" in msg and "fix: load it with the backbone" in msg
+    other = tmp_path / "moved.safetensors"
+    shutil.copy(weights, other)
+    msg = refused("predict", "--adapter", out, image, "--checkpoint", other)
+    assert "was trained on backbone" in msg
+    # the original weights under a new name (--checkpoint: "the file moved") are accepted
+    save_file({k: v.contiguous() for k, v in stock.items()}, str(other))
+    assert cli("predict", "--adapter", out, image, "--checkpoint", other)[0] == 0
+
+
+def test_checkpoint_with_or_without_a_classifier_loads_the_same_backbone(tmp_path):
+    """A headless checkpoint (as `vistune pretrain` writes), one with timm's 1000-class head, one
+    fine-tuned with 7 classes and a DataParallel ('module.') one all give the same backbone."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    full = timm.create_model("resnet10t", pretrained=False, num_classes=7)
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    forms = {
+        "headless.safetensors": {k: v for k, v in state.items() if not k.startswith("fc.")},
+        "seven.safetensors": state,
+        "thousand.pth": {**{k: v for k, v in state.items() if not k.startswith("fc.")},
+                         "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)},
+        "ddp.pth": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+    }
+    prints = set()
+    for name, payload in forms.items():
+        path = tmp_path / name
+        if name.endswith(".safetensors"):
+            save_file(payload, str(path))
+        else:
+            torch.save(payload, path)
+        prints.add(load_backbone("resnet10t", checkpoint=str(path)).fingerprint())
+    assert len(prints) == 1
+    reference = load_backbone("resnet10t", random_init=True)
+    assert prints != {reference.fingerprint()}
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    msg = refused("train", "--backbone", "resnet10t", "--checkpoint", broken, "--method", "linear", "--data",
+                  tmp_path, "--out", tmp_path / "out")
+    assert "broken.safetensors is not a readable safetensors file" in msg
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("fc.")}, str(wrong))
+    msg = refused("train", "--backbone", "resnet18", "--checkpoint", wrong, "--method", "linear", "--data",
+                  tmp_path, "--out", tmp_path / "out")
+    assert "does not fit timm architecture 'resnet18'" in msg
+
+
+# ------------------------------------------------------------------------------------ listings
+@pytest.fixture()
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli_mod, "console", Console(width=400))
+
+
+def test_methods_lists_every_method_with_its_category(wide_console):
+    rc, stdout, _ = cli("methods")
+    assert rc == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in stdout.splitlines() if line.count("│") >= 4 and line.split("│")[1].strip()}
+    assert set(METHODS) <= set(rows)
+    for name, info in METHODS.items():
+        assert rows[name] == info.category and info.category in CATEGORIES
+    rc, stdout, _ = cli("methods", "--details")
+    assert rc == 0 and "adapter options (--set key=value)" in stdout and "reduction" in stdout
+
+
+def test_backbones_lists_the_offline_backbones(wide_console):
+    rc, stdout, _ = cli("backbones")
+    assert rc == 0
+    names = {line.split("│")[1].strip() for line in stdout.splitlines() if line.count("│") >= 5}
+    assert {"tf_efficientnet_lite0", "mobilenetv2_100", "vistune/vit-tiny-cifar10",
+            "vistune/swin-tiny-cifar10"} <= names
+
+
+@pytest.mark.xfail(reason="CLI bug: on an 80-column (or piped) console `vistune backbones` truncates the "
+                          "names it lists, e.g. 'vistune/swin-…'", strict=False)
+def test_backbones_names_are_readable_on_a_narrow_console(monkeypatch):
+    monkeypatch.setattr(cli_mod, "console", Console(width=80))
+    _, stdout, _ = cli("backbones")
+    for name in ("tf_efficientnet_lite0", "mobilenetv2_100", "vistune/vit-tiny-cifar10",
+                 "vistune/swin-tiny-cifar10"):
+        assert name in stdout
+
+
+def test_no_command_prints_help():
+    rc, stdout, _ = cli()
+    assert rc == 0 and "train" in stdout and "predict" in stdout
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("args,expect", [
+    (["--method", "linera"], ["unknown method 'linera'", "Did you mean 'linear'", "vistune methods"]),
+    (["--method", "adaptr"], ["unknown method 'adaptr'", "Did you mean 'adapter'"]),
+    (["--method", "adapter", "--set", "reductoin=4"],
+     ["no option 'reductoin'", "Did you mean 'reduction'", "valid keys: reduction, init"]),
+    (["--method", "adapter", "--set", "reduction"], ["'reduction' is not key=value"]),
+    (["--method", "adapter", "--set", "reduction=many"], ["adapter.reduction='many' is not a valid int"]),
+    (["--method", "linear", "--device", "cuda"], ["--device cuda", "no CUDA GPU", "use --device cpu"]),
+], ids=["method", "method2", "set-key", "set-form", "set-value", "cuda"])
+def test_train_refuses_bad_options(args, expect, data, tmp_path):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    msg = refused("train", *TINY, "--data", data, "--out", tmp_path / "out", *FAST, *args)
+    for text in expect:
+        assert text in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_an_unknown_backbone_with_suggestions(data, tmp_path):
+    msg = refused("train", "--backbone", "resnet10tt", "--random-init", "--method", "linear", "--data", data,
+                  "--out", tmp_path / "out", *FAST)
+    assert "unknown backbone 'resnet10tt'" in msg and "Did you mean 'resnet10t'" in msg
+    assert "vistune backbones" in msg
+    msg = refused("train", "--backbone", "tf_efficientnet_lite", "--method", "linear", "--data", data,
+                  "--out", tmp_path / "out", *FAST)
+    assert "unknown backbone" in msg and "Did you mean 'tf_efficientnet_lite" in msg
+
+
+def test_train_refuses_a_checkpoint_that_does_not_exist(data, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    msg = refused("train", "--backbone", "resnet10t", "--checkpoint", missing, "--method", "linear",
+                  "--data", data, "--out", tmp_path / "out", *FAST)
+    assert f"checkpoint file not found: {missing}" in msg and "--checkpoint" in msg
+
+
+def test_train_refuses_an_out_folder_with_a_finished_run(trained, data):
+    out, _ = trained
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    msg = refused("train", *TINY, "--method", "linear", "--data", data, "--out", out, *FAST)
+    assert "already holds a finished run" in msg and "another --out" in msg
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-an-image"])
+def test_train_names_a_corrupt_image(damage, tmp_path):
+    data = make_folder(tmp_path / "data", n_test=0)
+    bad = data / "train" / "bee" / "03.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    else:
+        bad = bad.with_suffix(".jpg")
+        bad.write_text("just some text")
+    msg = refused("train", *TINY, "--method", "linear", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert f"cannot read image {bad}" in msg and "truncated or not an image" in msg
+    assert "fix: remove or replace the file" in msg
+
+
+def test_train_accepts_grey_alpha_palette_and_16_bit_images(tmp_path):
+    modes = ("L", "RGBA", "P", "I;16", "LA", "1", "RGB")
+    data = make_folder(tmp_path / "data", modes=modes)
+    seen = {Image.open(p).mode for p in (data / "train").rglob("*.png")}
+    assert {"L", "RGBA", "P", "I;16", "LA", "1"} <= seen
+    rc, _, err = cli("train", *TINY, "--method", "bias", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert rc == 0, err
+    sixteen = next(p for p in (data / "test").rglob("*.png") if Image.open(p).mode == "I;16")
+    rc, stdout, err = cli("predict", "--adapter", tmp_path / "out", sixteen, "--json")
+    assert rc == 0, err
+    assert sum(json.loads(stdout)[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_train_refuses_an_empty_class_folder(tmp_path):
+    data = make_folder(tmp_path / "data", n_test=0)
+    (data / "train" / "dog").mkdir()
+    msg = refused("train", *TINY, "--method", "linear", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert f"class folder {data / 'train' / 'dog'} holds no images" in msg and "fix:" in msg
+
+
+def test_train_refuses_test_classes_unknown_to_train(tmp_path):
+    data = make_folder(tmp_path / "data")
+    write_image(data / "test" / "zebra" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    msg = refused("train", *TINY, "--method", "linear", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert "train does not have: zebra" in msg and str(data / "test") in msg
+
+
+def test_train_refuses_data_that_does_not_exist(tmp_path):
+    msg = refused("train", *TINY, "--method", "linear", "--data", tmp_path / "nowhere", "--out",
+                  tmp_path / "out", *FAST)
+    assert "no such folder" in msg
+
+
+def test_interrupted_train_then_resume(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--method", "linear", "--data", data, "--out", out, "--epochs", "3",
+            "--batch-size", "4", "--quiet"]
+    real = trainer_mod._lr_factor
+
+    def interrupt(epoch, cfg):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(epoch, cfg)
+
+    monkeypatch.setattr(trainer_mod, "_lr_factor", interrupt)
+    rc, _, err = cli(*args)
+    assert rc == 130 and "--resume" in err and str(out) in err
+    monkeypatch.setattr(trainer_mod, "_lr_factor", real)
+    msg = refused(*args)  # without --resume: refused, the checkpoint is kept
+    assert "interrupted run" in msg and "add --resume" in msg
+    rc, _, err = cli(*args, "--resume")
+    assert rc == 0, err
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
+
+
+def test_the_installed_command_exits_2_on_bad_input(data, tmp_path):
+    exe = shutil.which("vistune", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "vistune.cli"]
+    proc = subprocess.run([*cmd, "train", *TINY, "--method", "linera", "--data", str(data), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert "error: unknown method 'linera'" in proc.stderr and "Traceback" not in proc.stderr
