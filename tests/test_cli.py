@@ -142,8 +142,6 @@ def test_eval_reproduces_the_test_accuracy(trained, data):
     assert rc == 0 and f"accuracy {m['test_accuracy']:.4f} over 12 images" in " ".join(stdout.split())
 
 
-@pytest.mark.xfail(reason="CLI bug: `vistune eval --split val` re-draws val from train with seed 0 instead "
-                          "of the training run's --seed (and ignores --train-size/--val-size)", strict=False)
 def test_eval_on_val_uses_the_training_runs_val_split(trained, data, monkeypatch):
     import vistune.training as training_mod
     from vistune.data import load_data
@@ -298,8 +296,6 @@ def test_backbones_lists_the_offline_backbones(wide_console):
             "vistune/swin-tiny-cifar10"} <= names
 
 
-@pytest.mark.xfail(reason="CLI bug: on an 80-column (or piped) console `vistune backbones` truncates the "
-                          "names it lists, e.g. 'vistune/swin-…'", strict=False)
 def test_backbones_names_are_readable_on_a_narrow_console(monkeypatch):
     monkeypatch.setattr(cli_mod, "console", Console(width=80))
     _, stdout, _ = cli("backbones")

@@ -58,7 +58,7 @@ def cmd_backbones(args) -> int:
 
     table = Table(title="Offline backbones (no network needed)")
     for col in ("name", "timm architecture", "weights", "installed", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for name, card in sorted(packaged_backbones().items()):
         table.add_row(name, card["architecture"], "inside vistune (see its model card)", "yes", card["description"])
     for b in OFFLINE_BACKBONES.values():
@@ -140,8 +140,10 @@ def cmd_eval(args) -> int:
     from .training import evaluate
 
     model, meta, device = _load_for_inference(args)
-    train_tf, eval_tf = transforms_for({**meta["preprocessing"], "augment": meta["preprocessing"]["augment"]})
-    data = load_data(args.data, train_transform=eval_tf, eval_transform=eval_tf)
+    _, eval_tf = transforms_for(meta["preprocessing"])
+    # redraw the splits exactly as training did (seed, subset sizes), so --split val is the run's val set
+    splits = {k: v for k, v in meta.get("data", {}).items() if k != "spec"}
+    data = load_data(args.data, train_transform=eval_tf, eval_transform=eval_tf, **splits)
     if data.class_names != meta["class_names"]:
         raise VistuneError(
             f"the classes of {args.data} ({data.class_names[:10]}…) differ from the artifact's "
@@ -392,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        hint = f"; continue with the same command plus --resume (checkpoint in {out})" if out else ""
+        resumable = args.command in ("train", "demo")  # bench prints its own message; others write no checkpoint
+        hint = f"; continue with the same command plus --resume (checkpoint in {out})" if out and resumable else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -42,6 +42,7 @@ class Job:
     augment: bool = False
     train_size: int | None = None
     val_size: int | None = None
+    test_size: int | None = None
     protocol: str = "train-val"
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -56,6 +57,12 @@ def preprocessing_for(backbone: BackboneView, job: Job) -> dict:
 def transforms_for(preprocessing: dict):
     return build_transforms(preprocessing["data_config"], image_size=preprocessing["image_size"],
                             normalization=preprocessing["normalization"], augment=preprocessing["augment"])
+
+
+def split_settings(job: Job) -> dict:
+    """How the splits were drawn; stored in the artifact so `vistune eval` can redraw the same val split."""
+    return {"train_size": job.train_size, "val_size": job.val_size, "test_size": job.test_size,
+            "seed": job.train.seed, "protocol": job.protocol}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -96,9 +103,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     prep = preprocessing_for(backbone, job)
     if data is None:
         train_tf, eval_tf = transforms_for(prep)
-        data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf,
-                         train_size=job.train_size, val_size=job.val_size, seed=job.train.seed,
-                         protocol=job.protocol)
+        data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
     if getattr(config, "image_size", "absent") is None:  # methods that size parameters by the input
         config.image_size = prep["image_size"]
     torch.manual_seed(job.train.seed)  # the method's own initialisation
@@ -145,7 +150,8 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
                      "python": platform.python_version()},
     }
     if out is not None:
-        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep)
+        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
+                                                  extra={"data": {"spec": job.data, **split_settings(job)}})
         atomic_write_json(out / METRICS, metrics)
     metrics["model"] = model  # for in-process callers; not serialised
     return metrics
