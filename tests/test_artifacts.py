@@ -26,12 +26,8 @@ PREP = {"image_size": IMAGE_SIZE}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """All tests here run on one torch thread (conftest.one_thread)."""
 
 
 def _model(backbone, method="adapter", seed=0, overrides=None):

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from vistune.backbones import OFFLINE_BACKBONES, load_backbone, packaged_backbones
 from vistune.data import load_data
@@ -33,12 +32,8 @@ needs_fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores one thread is several times faster than two (no OpenMP oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """All tests here run on one torch thread (conftest.one_thread)."""
 
 
 def splits(backbone, name: str, image_size: int):

@@ -25,14 +25,9 @@ TRANSFORMERS = ["vit", "vit_reg_avg", "deit_distilled", "swin"]
 ALL_KINDS = TRANSFORMERS + ["efficientnet", "resnet", "convnext", "mobilenet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and on a shared, oversubscribed CPU
-    OpenMP's spin-waiting made each small forward ~50x slower (and the real-weights run ~25x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """All tests here run on one torch thread (conftest.one_thread)."""
 
 
 def _sct(backbone, num_classes=4, **sets) -> SCT:

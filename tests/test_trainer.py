@@ -25,12 +25,8 @@ CLASSES = ("ant", "bee", "cat")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """All tests here run on one torch thread (conftest.one_thread)."""
 
 
 def make_image_folder(root: Path, n_train: int = 8, n_test: int = 4, size: int = 24, seed: int = 0) -> Path:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .backbones import BackboneSpec, BackboneView, load_backbone
+from .backbones import BackboneView, load_backbone
 from .errors import VistuneError
 from .methods import Method, adapt, count_parameters, make_config
 

@@ -3,6 +3,7 @@ ResNet and ConvNeXt. The per-architecture differences are only which attribute h
 stages and which modules follow them."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import BackboneView
@@ -34,3 +35,20 @@ class CNNView(BackboneView):
         if head is not None and isinstance(getattr(head, "norm", None), nn.Module):
             mods["head.norm"] = head.norm
         return {k: mod for k, mod in mods.items() if any(True for _ in mod.parameters())}
+
+    def out_channels(self, modules: list[nn.Module]) -> list[int]:
+        """Channels each of ``modules`` outputs, read off one small dummy forward pass."""
+        dims: dict[int, int] = {}
+
+        def record(module, inputs, output) -> None:
+            dims[id(module)] = output.shape[1]
+
+        hooks = [m.register_forward_hook(record) for m in modules]
+        try:
+            with torch.no_grad():
+                p = next(self.model.parameters())
+                self.model(torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype))
+        finally:
+            for h in hooks:
+                h.remove()
+        return [dims[id(m)] for m in modules]

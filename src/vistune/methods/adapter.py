@@ -63,23 +63,6 @@ class AdaptedOutput(nn.Module):
         return self.adapter(self.inner(x, *args, **kwargs))
 
 
-def _block_out_channels(backbone, blocks) -> list[int]:
-    dims: dict[int, int] = {}
-
-    def record(module, inputs, output) -> None:
-        dims[id(module)] = output.shape[1]
-
-    hooks = [b.register_forward_hook(record) for b in blocks]
-    try:
-        with torch.no_grad():
-            size = 64
-            backbone.model(torch.zeros(1, 3, size, size, device=next(backbone.model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [dims[id(b)] for b in blocks]
-
-
 @register("adapter", category="adapter",
           description="Pfeiffer adapter after each FFN (ViT/Swin) or a 1x1-conv bottleneck after each block (CNN)")
 class Adapter(Method):
@@ -90,7 +73,7 @@ class Adapter(Method):
         if backbone.family == "cnn":
             blocks = backbone.blocks()
             names = backbone.module_names(blocks)
-            for name, dim in zip(names, _block_out_channels(backbone, blocks)):
+            for name, dim in zip(names, backbone.out_channels(blocks)):
                 parent_name, _, child = name.rpartition(".")
                 parent = backbone.model.get_submodule(parent_name)
                 wrapped = AdaptedOutput(getattr(parent, child), Bottleneck(dim, config.reduction, config.init, True))

@@ -217,23 +217,6 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m
 
 
-def _stage_out_channels(backbone: BackboneView, stages: list[nn.Module]) -> list[int]:
-    dims: dict[int, int] = {}
-
-    def record(module, inputs, output) -> None:
-        dims[id(module)] = output.shape[1]
-
-    hooks = [s.register_forward_hook(record) for s in stages]
-    try:
-        with torch.no_grad():
-            p = next(backbone.model.parameters())
-            backbone.model(torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [dims[id(s)] for s in stages]
-
-
 def _layers(view: BackboneView) -> list[nn.Module]:
     """The layers SCT tunes: transformer blocks (flattened over Swin stages) or CNN stages."""
     return view.stages() if view.family == "cnn" else view.blocks()
@@ -392,7 +375,7 @@ class SCT(Method):
         self.layer_names = backbone.module_names(layers)
         modules = []
         if backbone.family == "cnn":
-            dims = _stage_out_channels(backbone, layers)
+            dims = backbone.out_channels(layers)
             wrappers = []
             for name, stage, dim in zip(self.layer_names, layers, dims):
                 sct = SalientChannels(dim, num_salient(dim, config.top_k, config.ratio, f"stage {name}"), channel_dim=1)
