@@ -26,7 +26,7 @@ ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # methods that 
 def run_task(args) -> list[dict]:
     from vistune.backbones import load_backbone
     from vistune.data import load_data
-    from vistune.errors import VistuneError
+    from vistune.errors import TrainingDiverged
     from vistune.run import Job, preprocessing_for, run_job, transforms_for
     from vistune.training import TrainConfig
 
@@ -52,7 +52,7 @@ def run_task(args) -> list[dict]:
                       train=TrainConfig(epochs=args.epochs, batch_size=32, lr=lr, seed=args.seed, device=args.device))
             try:
                 m = run_job(job, backbone=backbone, data=data, progress=False)
-            except VistuneError as e:  # a diverged grid point is a failed setting, not a failed sweep
+            except TrainingDiverged as e:  # a diverged grid point is a failed setting, not a failed sweep
                 print(f"{args.task} {label} lr={lr}: {e.what}", file=sys.stderr)
                 continue
             m.pop("model")

@@ -14,6 +14,10 @@ class VistuneError(Exception):
         super().__init__(what if fix is None else f"{what}\n  fix: {fix}")
 
 
+class TrainingDiverged(VistuneError):
+    """The loss became NaN/inf: in a sweep, a failed setting rather than a failed sweep."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean X?' for a misspelt name, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .._io import atomic_write_json
-from ..errors import VistuneError, suggest
+from ..errors import TrainingDiverged, VistuneError, suggest
 from ..run import METRICS, Job, preprocessing_for, read_metrics, run_job, transforms_for
 from ..training import TrainConfig
 from ..training.trainer import STATE_FILE, InMemory
@@ -493,9 +493,6 @@ def _row(cell, phase, key, lr, wd, seed, metrics, *, started, finished, commit, 
     }
 
 
-def _diverged(e: VistuneError) -> bool:
-    return e.what.startswith("training diverged")
-
 
 def _run_select(cell, sel, spec, data, *, backbone, out, store, device, display, commit, dirty, root, suite) -> int:
     lr, wd, seed = sel["lr"], sel["wd"], sel["seed"]
@@ -507,9 +504,7 @@ def _run_select(cell, sel, spec, data, *, backbone, out, store, device, display,
         metrics = run_job(job, progress=False, backbone=backbone, data=data)
         metrics.pop("model", None)
         status, error = "ok", None
-    except VistuneError as e:
-        if not _diverged(e):
-            raise
+    except TrainingDiverged as e:
         metrics, status, error = None, "diverged", e.what
     assert metrics is None or metrics["test_accuracy"] is None, "selection must never evaluate test"
     store.insert(_row(cell, "select", sel["key"], lr, wd, seed, metrics, started=started, finished=_now(),
@@ -551,9 +546,7 @@ def _run_final(cell, best, seed, spec, data, *, backbone, out, store, device, di
         metrics = run_job(job, resume=resume, progress=False, backbone=backbone, data=data)
         metrics.pop("model", None)
         status, error = "ok", None
-    except VistuneError as e:
-        if not _diverged(e):
-            raise
+    except TrainingDiverged as e:
         metrics, status, error = None, "diverged", e.what
     store.insert(_row(cell, "final", key, lr, wd, seed, metrics, started=started, finished=_now(), commit=commit,
                       dirty=dirty, status=status, error=error, artifact_dir=str(rel) if metrics else None))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._io import atomic_write
-from ..errors import VistuneError
+from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
 
 STATE_FILE = "train_state.pt"
@@ -257,7 +257,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
                 logits = net(x)
             loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
-                raise VistuneError(
+                raise TrainingDiverged(
                     f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                     f"(effective lr {optimizer.param_groups[0]['lr']:.4g})",
                     "lower --lr (e.g. by 10×), or use --optimizer adamw; check the data for broken images",
