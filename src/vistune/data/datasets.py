@@ -1,6 +1,7 @@
 """Datasets (files on disk or uint8 arrays in memory), stratified splits, and the folder / list-file readers."""
 from __future__ import annotations
 
+import abc
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ LIST_FILES = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
 
 
 # ---------------------------------------------------------------------------------------------- datasets
-class ImageDataset(Dataset):
+class ImageDataset(Dataset, abc.ABC):
     """Items are ``(transform(rgb_pil_image), int_label)``; ``labels`` is an int64 array, one per item."""
 
     labels: np.ndarray
@@ -28,8 +29,9 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def image(self, i: int) -> Image.Image:
-        raise NotImplementedError
+        """The i-th image, RGB."""
 
     def __getitem__(self, i: int):
         if i < 0:
@@ -41,8 +43,9 @@ class ImageDataset(Dataset):
             img = self.transform(img)
         return img, int(self.labels[i])
 
+    @abc.abstractmethod
     def subset(self, indices, transform: Callable | None = None) -> ImageDataset:
-        raise NotImplementedError
+        """A dataset of the given items (sharing the underlying data), with ``transform``."""
 
     def with_transform(self, transform: Callable | None) -> ImageDataset:
         return self.subset(np.arange(len(self)), transform)
