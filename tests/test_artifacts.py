@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vistune.artifacts as artifacts_mod
+from vistune._io import sha256_file
 from conftest import IMAGE_SIZE, tiny_backbone
 from vistune.artifacts import META, TENSORS, load_artifact, read_meta, save_artifact
 from vistune.errors import VistuneError
@@ -48,7 +49,7 @@ def _rewrite_tensors(out: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Replace the tensor file and update the json's checksum, as a careful editor would."""
     save_file(tensors, str(out / TENSORS), metadata={"format": artifacts_mod.FORMAT})
     meta = json.loads((out / META).read_text())
-    meta["tensors_sha256"] = artifacts_mod._sha256(out / TENSORS)
+    meta["tensors_sha256"] = sha256_file(out / TENSORS)
     (out / META).write_text(json.dumps(meta))
 
 
@@ -129,7 +130,7 @@ def test_refuses_a_pickle_without_unpickling_it(saved, tmp_path, capfd, kind):
         target.write_bytes(pickle.dumps(payload, protocol=4))
     # even with the json's checksum updated to match, the file must not be unpickled
     meta = json.loads((out / META).read_text())
-    meta["tensors_sha256"] = artifacts_mod._sha256(target)
+    meta["tensors_sha256"] = sha256_file(target)
     (out / META).write_text(json.dumps(meta))
 
     err = _refusal(out, backbone)
@@ -142,7 +143,7 @@ def test_refuses_a_file_that_is_not_safetensors(saved):
     backbone, _, out, _ = saved
     (out / TENSORS).write_bytes(b"this is not a tensor file at all")
     meta = json.loads((out / META).read_text())
-    meta["tensors_sha256"] = artifacts_mod._sha256(out / TENSORS)
+    meta["tensors_sha256"] = sha256_file(out / TENSORS)
     (out / META).write_text(json.dumps(meta))
     err = _refusal(out, backbone)
     assert "not a readable safetensors file" in err.what

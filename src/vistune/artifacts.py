@@ -6,10 +6,8 @@ refuses a backbone whose weights differ from the one the artifact was trained on
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from ._io import atomic_write_group, json_writer, sha256_file
 from .backbones import BackboneView, load_backbone
 from .errors import VistuneError
 from .methods import Method, adapt, count_parameters, make_config
@@ -25,20 +24,6 @@ TENSORS = "adapter.safetensors"
 META = "adapter.json"
 FORMAT = "vistune-adapter"
 FORMAT_VERSION = 1
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _staging_file(out: Path, name: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    return tmp
 
 
 def save_artifact(model: Method, out_dir: str | os.PathLike, *, class_names: list[str],
@@ -65,30 +50,15 @@ def save_artifact(model: Method, out_dir: str | os.PathLike, *, class_names: lis
                      "fingerprint": backbone.fingerprint()},
         "preprocessing": preprocessing,
         "parameters": count_parameters(model),
-        "tensors_sha256": None,  # filled in below, from the staged tensor file
+        "tensors_sha256": None,  # set by write_tensors, from the staged tensor file
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         **(extra or {}),
     }
-    staged: list[str] = []
-    try:
-        tmp_tensors = _staging_file(out, TENSORS)
-        staged.append(tmp_tensors)
-        save_file(tensors, tmp_tensors, metadata={"format": FORMAT})
-        meta["tensors_sha256"] = _sha256(tmp_tensors)
-        tmp_meta = _staging_file(out, META)
-        staged.append(tmp_meta)
-        with open(tmp_meta, "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        for tmp in staged:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp_tensors, out / TENSORS)
-        os.replace(tmp_meta, out / META)
-    except BaseException:
-        for tmp in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
+    def write_tensors(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        meta["tensors_sha256"] = sha256_file(tmp)
+
+    atomic_write_group([(out / TENSORS, write_tensors), (out / META, json_writer(meta))])
     return artifact_bytes(out)
 
 
@@ -130,7 +100,7 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
             f"{path} is a pickle/zip file, not safetensors; vistune never unpickles artifacts",
             "re-save the adapter with vistune (it writes safetensors)",
         )
-    if _sha256(path) != meta.get("tensors_sha256"):
+    if sha256_file(path) != meta.get("tensors_sha256"):
         raise VistuneError(
             f"{path} does not match {path.parent / META} (checksum differs): the two files are from "
             "different saves, or one was modified",

@@ -8,7 +8,6 @@ cosine. The result is a safetensors file plus a model card (JSON) that ``load_ba
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from ._io import atomic_write, atomic_write_json
+from ._io import atomic_write, atomic_write_json, sha256_file
 from .backbones import load_backbone
 from .errors import VistuneError, suggest
 from .methods import adapt, make_config
@@ -120,7 +119,7 @@ def pretrain(recipe_name: str, data: str, out_dir: str | Path, *, epochs: int | 
     out = Path(out_dir)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.backbone.model.state_dict().items()}
     atomic_write(out / f"{slug}.safetensors", lambda tmp: save_file(weights, tmp))
-    digest = hashlib.sha256((out / f"{slug}.safetensors").read_bytes()).hexdigest()
+    digest = sha256_file(out / f"{slug}.safetensors")
     hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or 'x86-64'})"
     card = {
         "name": r.name,

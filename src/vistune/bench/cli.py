@@ -6,29 +6,18 @@ import sys
 from ..errors import VistuneError
 
 
-def _floats(text: str | None, flag: str) -> list[float] | None:
+def _numbers(text: str | None, flag: str, kind: type, example: str) -> list | None:
+    """A comma-separated list of ``kind`` (float or int) from a flag, or None when not given."""
     if text is None:
         return None
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise VistuneError(f"{flag} {text!r} is not a comma-separated list of numbers",
-                           f"write e.g. {flag} 0.25,0.5,1") from None
+        what = "numbers" if kind is float else "integers"
+        raise VistuneError(f"{flag} {text!r} is not a comma-separated list of {what}",
+                           f"write e.g. {flag} {example}") from None
     if not values:
-        raise VistuneError(f"{flag} is empty", f"write e.g. {flag} 0.25,0.5,1")
-    return values
-
-
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise VistuneError(f"{flag} {text!r} is not a comma-separated list of integers",
-                           f"write e.g. {flag} 42,44,82") from None
-    if not values:
-        raise VistuneError(f"{flag} is empty", f"write e.g. {flag} 42,44")
+        raise VistuneError(f"{flag} is empty", f"write e.g. {flag} {example}")
     return values
 
 
@@ -45,8 +34,9 @@ def cmd_bench(args) -> int:
     try:
         summary = run_bench(
             args.suite, _names(args.methods) or [], args.backbone, args.out, data_root=args.data_root,
-            epochs=args.epochs, lr_grid=_floats(args.lr_grid, "--lr-grid"), wd_grid=_floats(args.wd_grid, "--wd-grid"),
-            seeds=_ints(args.seeds, "--seeds"), tasks=_names(args.tasks), device=args.device,
+            epochs=args.epochs, lr_grid=_numbers(args.lr_grid, "--lr-grid", float, "0.25,0.5,1"),
+            wd_grid=_numbers(args.wd_grid, "--wd-grid", float, "0,1e-4"),
+            seeds=_numbers(args.seeds, "--seeds", int, "42,44,82"), tasks=_names(args.tasks), device=args.device,
             image_size=args.image_size, batch_size=args.batch_size, test_size=args.test_size, sets=args.set,
             checkpoint=args.checkpoint, random_init=args.random_init, progress=not args.quiet, console=console,
             command=command_line(),
