@@ -181,6 +181,35 @@ def test_predict_top_k_and_json_probabilities(trained, data):
         assert all(r["probabilities"][t["class"]] == t["probability"] for t in top)
 
 
+def test_pgn_eval_and_predict_deployed_as_pixels_match_latent_mode(data, tmp_path):
+    """A PGN artifact on vistune's own ViT (tall 4-px patch projection → pixel library) runs input-only."""
+    out = tmp_path / "pgn"
+    rc, _, err = cli("train", "--backbone", "vistune/vit-tiny-cifar10", "--method", "pgn", "--set", "num_prompts=4",
+                     "--set", "library_size=16", "--set", "generator_width=8", "--data", data, "--out", out, *FAST)
+    assert rc == 0, err
+    runs = {}
+    for mode in ([], ["--deploy"]):
+        rc, stdout, err = cli("eval", "--adapter", out, "--data", data, "--json", "--quiet", *mode)
+        assert rc == 0, err
+        runs[bool(mode)] = json.loads(stdout)
+    assert runs[True]["deploy"] and not runs[False]["deploy"]
+    assert runs[True]["accuracy"] == runs[False]["accuracy"]
+    assert runs[True]["loss"] == pytest.approx(runs[False]["loss"], abs=1e-5)
+    image = sorted((data / "test" / "cat").iterdir())[0]
+    probs = {}
+    for mode in ([], ["--deploy"]):
+        rc, stdout, err = cli("predict", "--adapter", out, image, "--json", *mode)
+        assert rc == 0, err
+        probs[bool(mode)] = json.loads(stdout)[0]["probabilities"]
+    assert all(probs[True][c] == pytest.approx(probs[False][c], abs=1e-5) for c in CLASSES)
+
+
+def test_deploy_refuses_a_method_without_an_input_only_mode(trained, data):
+    out, _ = trained
+    msg = refused("eval", "--adapter", out, "--data", data, "--deploy", "--quiet")
+    assert "'adapter' artifact" in msg and "only pgn" in msg
+
+
 def test_predict_refuses_a_missing_image(trained, tmp_path):
     out, _ = trained
     msg = refused("predict", "--adapter", out, tmp_path / "nope.png")

@@ -12,7 +12,8 @@ from vistune.methods import METHODS, adapt, make_config
 FAMILY_KINDS = ["vit", "vit_reg_avg", "deit_distilled", "swin", "efficientnet", "resnet", "convnext", "mobilenet"]
 OVERRIDES = {"sidetune": {"side_network": "mobilenetv3_small_050", "side_pretrained": False},
              "partial": {"k": 1}, "mlp": {"k": 2}, "vpt-shallow": {"num_tokens": 3},
-             "vpt-deep": {"num_tokens": 3, "project_dim": 8}, "vpt-pad": {"width": 2, "image_size": IMAGE_SIZE}}
+             "vpt-deep": {"num_tokens": 3, "project_dim": 8}, "vpt-pad": {"width": 2, "image_size": IMAGE_SIZE},
+             "pgn": {"num_prompts": 3, "library_size": 8, "generator_width": 4}}
 
 
 def _cases():

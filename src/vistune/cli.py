@@ -130,7 +130,13 @@ def _load_for_inference(args):
     else:
         backbone = backbone_for(meta)
     device = resolve_device(args.device)
-    return load_artifact(args.adapter, backbone=backbone, device=device) + (device,)
+    model, meta = load_artifact(args.adapter, backbone=backbone, device=device)
+    if args.deploy:
+        if not hasattr(model, "deploy"):
+            raise VistuneError(f"--deploy: the {meta['method']!r} artifact in {args.adapter} has no input-only mode",
+                               "only pgn artifacts deploy as pixels; drop --deploy")
+        model.deploy = True  # prompts become extra input pixel patches; nothing learned enters the backbone
+    return model, meta, device
 
 
 def cmd_eval(args) -> int:
@@ -153,11 +159,12 @@ def cmd_eval(args) -> int:
     if split is None:
         raise VistuneError(f"{args.data} has no {args.split} split", "use --split val or provide a test/ folder")
     res = evaluate(model, split, batch_size=args.batch_size, device=device, progress=not args.quiet)
-    res.update(split=args.split, adapter=str(args.adapter), data=args.data, method=meta["method"])
+    res.update(split=args.split, adapter=str(args.adapter), data=args.data, method=meta["method"], deploy=args.deploy)
     if args.json:
         print(json.dumps(res))
     else:
-        console.print(f"{meta['method']} on {args.data} [{args.split}]: accuracy {res['accuracy']:.4f} "
+        mode = " (deployed as pixels)" if args.deploy else ""
+        console.print(f"{meta['method']}{mode} on {args.data} [{args.split}]: accuracy {res['accuracy']:.4f} "
                       f"over {res['n']} images (mean loss {res['loss']:.4f})")
     return 0
 
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--quiet", action="store_true")
+        p.add_argument("--deploy", action="store_true",
+                       help="pgn: input-only mode, the prompts enter the frozen backbone as extra pixel patches")
         if name == "eval":
             p.add_argument("--data", required=True, metavar="D")
             p.add_argument("--split", choices=["train", "val", "test"], default="test")

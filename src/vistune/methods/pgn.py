@@ -1,0 +1,186 @@
+"""Prompt Generation Networks (Loedeman et al., 2022) with prompt inversion.
+
+A small CNN reads the image and emits T×M logits; a softmax over M mixes a learned library of
+M tokens into T input-dependent prompts. The prompts enter the frozen ViT after the positional
+embedding, after the prefix tokens, with no positional embedding of their own; their outputs
+are dropped before the final norm and pooling, so the frozen backbone's pooled feature feeds
+the head.
+
+Prompt inversion (deploy mode). The patch embedding is linear, e = W·vec(patch) + b, so a prompt
+t is the embedding of the pixel patch W⁺(t − b) whenever W (D × C·ph·pw) has full row rank:
+square on ViT-B/16 (768 = 3·16·16), wide on ViT-B/32 or ViT-S/16. Deploy mode turns the T
+prompts into a strip of T pixel patches (C × ph × T·pw, in the backbone's normalised input
+space) and runs the frozen backbone from pixels only: the stock patch projection embeds the
+image and the strip, the stock position table is added to the image patches, none to the strip
+patches (exactly as the latent prompts get none), and no learned tensor enters the backbone.
+When W is tall (D > C·ph·pw: ViT-L/14, ViT-S/8, vistune's own 4-pixel-patch ViT) most tokens have
+no pixel preimage; ``library_space=pixel`` then learns the library as pixel patches and embeds
+the mixture through W during training, so deployment is exact on every ViT. ``auto`` picks token
+space when W has full row rank, pixel space otherwise.
+
+Tuned parameters (excluding the head): generator + (F + 1)·T·M for the logits layer (F the
+generator's pooled width) + M·D (token library) or M·C·ph·pw (pixel library).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+from ..errors import VistuneError
+from .base import Method, MethodConfig, option, register
+
+RESNET10 = "resnet10"
+
+
+@dataclass
+class PGNConfig(MethodConfig):
+    num_prompts: int = option(16, "T: prompts generated per image")
+    library_size: int = option(256, "M: learned tokens that every prompt is a softmax mixture of")
+    generator: str = option(
+        RESNET10,
+        "the prompt generator: 'resnet10' (PGN's: one basic block per stage, random init) or any timm CNN "
+        "name (offline pretrained: tf_efficientnet_lite0, mobilenetv2_100)",
+    )
+    generator_width: int = option(16, "resnet10: channels of stage 1, doubling per stage (PGN: 16/32/64/128)")
+    generator_pretrained: bool = option(True, "timm generators: load pretrained weights (offline or hub cache)")
+    generator_resolution: int | None = option(
+        None, "resize images to this size for the generator only (PGN: 224); default: as given"
+    )
+    library_space: Literal["auto", "token", "pixel"] = option(
+        "auto",
+        "token: library of M×D tokens, init N(0, 0.02) (PGN); pixel: library of M pixel patches embedded by the "
+        "frozen patch projection (exact deploy on any ViT); auto: token when the projection is invertible",
+    )
+
+    def validate(self):
+        for name in ("num_prompts", "library_size", "generator_width"):
+            if getattr(self, name) < 1:
+                raise VistuneError(f"pgn: {name}={getattr(self, name)} must be ≥ 1", f"use --set {name}=16")
+        if self.generator_resolution is not None and self.generator_resolution < 8:
+            raise VistuneError(f"pgn: generator_resolution={self.generator_resolution} is too small",
+                               "use ≥ 32, or none to feed the images as given")
+
+
+def resnet10(width: int) -> nn.Module:
+    """PGN's small ResNet-10 from timm's parts: one basic block per stage, widths w/2w/4w/8w."""
+    return ResNet(BasicBlock, (1, 1, 1, 1), channels=tuple(width * 2**i for i in range(4)), stem_width=width,
+                  num_classes=0)
+
+
+def _make_generator(config: PGNConfig) -> nn.Module:
+    if config.generator == RESNET10:
+        return resnet10(config.generator_width)
+    if config.generator_pretrained:
+        from ..backbones import load_backbone  # a timm name, offline package or hub
+
+        net = load_backbone(config.generator).model
+        net.requires_grad_(True)
+        return net
+    try:
+        return timm.create_model(config.generator, pretrained=False, num_classes=0)
+    except RuntimeError as e:
+        raise VistuneError(f"pgn: unknown generator {config.generator!r} ({e})",
+                           "use resnet10 or a timm CNN name, e.g. tf_efficientnet_lite0") from None
+
+
+def patch_projection(backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch embedding as a matrix W (D × C·ph·pw) and bias b (D), or why it is not linear."""
+    pe = backbone.model.patch_embed
+    if not isinstance(pe.norm, nn.Identity) or not isinstance(pe.proj, nn.Conv2d):
+        raise VistuneError(
+            f"pgn: the patch embedding of {backbone.spec.name!r} is not a single linear projection "
+            f"({type(pe.proj).__name__} + {type(pe.norm).__name__}), so prompts cannot be inverted to pixels",
+            "use a ViT whose patch_embed is a Conv2d with no norm (most timm ViTs), or --set library_space=token "
+            "and do not use deploy mode",
+        )
+    conv = pe.proj
+    if tuple(conv.kernel_size) != tuple(conv.stride) or conv.padding != (0, 0) or conv.groups != 1:
+        raise VistuneError(f"pgn: the patch projection of {backbone.spec.name!r} is not a patchify convolution",
+                           "prompt inversion needs kernel = stride, no padding")
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
+    return weight, bias
+
+
+@register("pgn", category="prompt", families=("vit",),
+          description="PGN: a small CNN generates input-dependent prompts from a token library; "
+                      "deployable as extra input pixel patches to the unmodified frozen ViT")
+class PGN(Method):
+    Config = PGNConfig
+    default_lr = 0.8  # SGD: PGN's lr 0.1 at batch 32 after the trainer's lr × batch/256 scaling
+
+    def __init__(self, backbone, config, num_classes):
+        super().__init__(backbone, config, num_classes)
+        weight, bias = patch_projection(backbone)
+        d, patch_dim = weight.shape
+        invertible = bool(torch.linalg.matrix_rank(weight.detach().double()) == d)
+        space = config.library_space
+        if space == "auto":
+            space = "token" if invertible else "pixel"
+        self.library_space = space
+        self.exact_inversion = space == "pixel" or invertible
+        self.generator = _make_generator(config)
+        t, m = config.num_prompts, config.library_size
+        self.to_logits = nn.Linear(self.generator.num_features, t * m)
+        tokens = torch.randn(m, d) * 0.02
+        if space == "token":
+            self.library = nn.Parameter(tokens)
+        else:  # the least-squares pixel preimages of PGN's token init
+            self.library = nn.Parameter((tokens - bias.detach()) @ torch.linalg.pinv(weight.detach().double()).T.float())
+        self.head = self.make_linear_head()
+        self.deploy = False  # True: the frozen backbone runs from pixels only (eval/predict --deploy)
+        self._pinv_cache: torch.Tensor | None = None
+
+    # ---- the generator ---------------------------------------------------------------------
+    def mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, M) softmax weights over the library, one row per prompt."""
+        res = self.config.generator_resolution
+        if res is not None and x.shape[-2:] != (res, res):
+            x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+        logits = self.to_logits(self.generator(x))
+        return logits.reshape(x.shape[0], self.config.num_prompts, self.config.library_size).softmax(-1)
+
+    def prompt_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): the prompts as tokens (what latent mode inserts)."""
+        mixed = self.mixture(x) @ self.library
+        if self.library_space == "pixel":
+            weight, bias = patch_projection(self.backbone)
+            mixed = F.linear(mixed, weight, bias)
+        return mixed
+
+    def _pinv(self, weight: torch.Tensor) -> torch.Tensor:
+        # the frozen projection never changes: invert once per device, kept (and applied) in float64,
+        # as a float32 inverse of an ill-conditioned projection loses digits
+        if self._pinv_cache is None or self._pinv_cache.device != weight.device:
+            self._pinv_cache = torch.linalg.pinv(weight.double())
+        return self._pinv_cache
+
+    def prompt_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, ph, T·pw): the prompts as a strip of pixel patches in the normalised input space."""
+        if self.library_space == "pixel":
+            vecs = self.mixture(x) @ self.library
+        else:
+            weight, bias = patch_projection(self.backbone)
+            tokens = self.prompt_tokens(x)
+            vecs = ((tokens - bias).double() @ self._pinv(weight).T).to(tokens.dtype)
+        conv = self.backbone.model.patch_embed.proj
+        (ph, pw), c, (b, t) = conv.kernel_size, conv.in_channels, vecs.shape[:2]
+        return vecs.reshape(b, t, c, ph, pw).permute(0, 2, 3, 1, 4).reshape(b, c, ph, t * pw)
+
+    # ---- the two forwards ------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            if not self.exact_inversion:
+                raise VistuneError(
+                    f"pgn: the patch projection of {self.backbone.spec.name!r} has rank < D, so token-space "
+                    "prompts have no exact pixel preimage",
+                    "train with --set library_space=pixel (or auto) to deploy as pixels",
+                )
+            return self.backbone.forward_with_extra_patches(x, self.prompt_pixels(x))
+        return self.backbone.forward_with_extra_tokens(x, self.prompt_tokens(x))
