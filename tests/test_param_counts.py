@@ -44,3 +44,24 @@ def test_sidetune_formula(vit_b16):
                                                     "side_pretrained": False}), C)
     expected = side.num_params() + side_dim * D + D + 1
     assert count_parameters(model)["tuned_params_excluding_head"] == expected
+
+
+# ---- weight-space methods (peft, SSF): Q and V of the fused qkv, 12 blocks ----
+@pytest.mark.parametrize("name,overrides,expected", [
+    ("lora", {"r": 8}, L * 2 * (8 * D + D * 8)),  # = 294,912: A (r×D) and B (D×r) on W_q and W_v
+    ("lora", {"r": 8, "targets": "qkv"}, L * 3 * (8 * D + D * 8)),
+    ("lora", {"r": 4, "targets": "attn+mlp"}, L * (4 * 2 * 4 * D + 2 * 4 * (D + 4 * D))),
+    ("dora", {"r": 8}, L * 2 * (8 * D + D * 8 + D)),  # + one magnitude per output row
+    ("ia3", {}, L * (D + D + 4 * D)),  # k and v outputs, fc2's 4D-wide input
+    ("ln-tuning", {}, (2 * L + 1) * 2 * D),  # norm1, norm2 per block and the final norm
+    ("ssf", {}, (L * (3 + 1 + 4 + 1 + 1 + 1) + 1 + 1) * 2 * D),  # qkv, proj, fc1, fc2, 2 LNs; patch embed, norm
+])
+def test_weight_space_formulas(vit_b16, name, overrides, expected):
+    counts = count_parameters(adapt(vit_b16, make_config(name, overrides), C))
+    assert counts["tuned_params_excluding_head"] == expected
+    assert counts["tuned_params"] == expected + HEAD
+
+
+def test_lora_qv_count_is_294912_and_ssf_205824(vit_b16):
+    assert count_parameters(adapt(vit_b16, make_config("lora"), C))["tuned_params_excluding_head"] == 294_912
+    assert count_parameters(adapt(vit_b16, make_config("ssf"), C))["tuned_params_excluding_head"] == 205_824

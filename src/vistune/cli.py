@@ -209,6 +209,24 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .merge import export_merged, export_peft
+
+    if not (args.merged or args.peft):
+        raise VistuneError("export: nothing to write", "pass --merged FILE.safetensors and/or --peft DIR")
+    model, meta, _ = _load_for_inference(args)
+    if args.merged:
+        export_merged(model, args.merged, class_names=meta["class_names"])
+        console.print(f"{args.merged}: plain timm {meta['backbone']['architecture']} state_dict with the "
+                      f"{meta['method']} update merged in and a {meta['num_classes']}-class head "
+                      f"(timm.create_model(arch, num_classes={meta['num_classes']}) loads it)")
+    if args.peft:
+        export_peft(model, args.peft)
+        console.print(f"{args.peft}: peft adapter_model.safetensors + adapter_config.json "
+                      "(PeftModel.from_pretrained(timm_model, DIR))")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -299,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("images", nargs="+", metavar="IMAGE")
             p.add_argument("--top-k", type=int, default=5)
             p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="merge an artifact into a plain timm model (--merged) or write peft's "
+                                      "format (--peft); lora, dora, ia3, ln-tuning, ssf, bias, partial, full")
+    p.add_argument("--adapter", required=True, metavar="OUT", help="folder written by `vistune train`")
+    p.add_argument("--merged", metavar="FILE.safetensors",
+                   help="timm state_dict with the update folded into the weights and the head as timm's classifier")
+    p.add_argument("--peft", metavar="DIR", help="peft adapter_model.safetensors + adapter_config.json")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="the backbone weights file, if it moved since training (must be identical)")
+    p.set_defaults(func=cmd_export, device="cpu", deploy=False)
 
     p = sub.add_parser("demo", help="adapt the real ImageNet EfficientNet-Lite0 to a real offline dataset "
                                     "with several methods and print a comparison table")

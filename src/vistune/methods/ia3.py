@@ -1,0 +1,31 @@
+"""(IA)³ (Liu et al., NeurIPS 2022, "T-Few") through HF peft: learned vectors that rescale activations.
+
+The paper rescales keys, values and the FFN's hidden activation; on a ViT/Swin that is ``kv+fc2``
+(default): k and v rows of the fused qkv (split, see peft_common) are scaled at their output, fc2 at
+its input (peft's "feedforward" modules). On CNNs every dense conv's output channels are scaled.
+The vectors start at one, so step 0 is the frozen model; merging multiplies them into the weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import register
+from .peft_common import PeftMethod, PeftMethodConfig, exact_names, require_peft
+
+
+@dataclass
+class IA3Config(PeftMethodConfig):
+    pass
+
+
+@register("ia3", category="parameter",
+          description="(IA)3 (peft): rescales k, v and the FFN hidden activation (CNN: conv outputs); mergeable")
+class IA3(PeftMethod):
+    Config = IA3Config
+    default_targets = {"vit": "kv+fc2", "swin": "kv+fc2", "cnn": "dense"}
+
+    def peft_config(self, targets):
+        return require_peft().IA3Config(
+            target_modules=exact_names(targets),
+            feedforward_modules=exact_names(n for n, role in targets.items() if role == "fc2"),
+        )

@@ -1,0 +1,206 @@
+"""Shared glue for the weight-space methods that run on HF peft (LoRA, DoRA, IA3, LN-tuning).
+
+peft injects its layers into the *copy* of the timm model that ``adapt()`` hands the method, so
+the caller's backbone is never touched; every frozen tensor stays shared with it.
+
+Fused qkv. timm ViT/Swin attention computes q, k and v with one ``qkv`` Linear, while the papers
+adapt W_q and W_v only. When a target names q, k or v, the fused Linear is wrapped in a
+:class:`SplitQKV` whose ``q``/``k``/``v`` children are :class:`FusedSlice` Linears that *view*
+rows of the frozen fused weight (no copy, nothing extra in the state_dict); peft then targets
+``…qkv.q`` and ``…qkv.v`` like any Linear, so only the Q and V output rows ever change. Merging
+folds the three back into one plain Linear (see :mod:`vistune.merge`).
+
+Targets are readable presets joined by ``+`` (e.g. ``qv+mlp``):
+  ViT/Swin  q, k, v, qv, kv, qkv, proj, attn (= qkv+proj), fc1, fc2, mlp (= fc1+fc2),
+            all-linear (every Linear: attn + mlp, and Swin's patch-merging reductions)
+  CNN       conv (every dense Conv2d, i.e. groups = 1), pointwise (1x1 dense Conv2d),
+            linear (every Linear, e.g. ConvNeXt's MLPs), dense (= conv+linear)
+Depthwise convs are never targeted: peft's LoRA cannot merge grouped convs.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import VistuneError
+from .base import Method, MethodConfig, option
+
+ADAPTER_NAME = "default"  # peft's adapter name; one adapter per vistune model
+QKV = ("q", "k", "v")
+TRANSFORMER_PRESETS = {
+    "q": {"q"}, "k": {"k"}, "v": {"v"}, "qv": {"q", "v"}, "kv": {"k", "v"}, "qkv": set(QKV),
+    "proj": {"proj"}, "attn": {*QKV, "proj"}, "fc1": {"fc1"}, "fc2": {"fc2"}, "mlp": {"fc1", "fc2"},
+    "all-linear": {*QKV, "proj", "fc1", "fc2", "other-linear"},
+}
+CNN_PRESETS = {"conv": {"conv"}, "pointwise": {"pointwise"}, "linear": {"linear"}, "dense": {"conv", "linear"}}
+
+
+def require_peft():
+    """Import peft (a dependency of vistune, imported lazily: it pulls in transformers)."""
+    try:
+        import peft
+    except ImportError:
+        raise VistuneError("the LoRA/DoRA/IA3/LN-tuning methods need the peft package",
+                           "pip install 'peft>=0.13,<1'") from None
+    return peft
+
+
+class FusedSlice(nn.Linear):
+    """Rows [start, stop) of a frozen fused Linear, as a Linear of its own.
+
+    Its weight and bias are views read from the fused Linear on every access, so they follow the
+    fused one through ``.to()``, cost no memory and add no state_dict entries."""
+
+    def __init__(self, fused: nn.Linear, start: int, stop: int):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no parameters of its own
+        self.in_features, self.out_features = fused.in_features, stop - start
+        self._fused = [fused]  # a list keeps it out of this module's children (SplitQKV owns it)
+        self._rows = slice(start, stop)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._fused[0].weight[self._rows]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = self._fused[0].bias
+        return None if bias is None else bias[self._rows]
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear holding a copy of these rows (merging writes into it, never the fused weight)."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight)
+            if plain.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain.requires_grad_(False)
+
+
+class SplitQKV(nn.Module):
+    """A fused qkv Linear seen as three Linears ``q``, ``k``, ``v``; output = cat(q(x), k(x), v(x))."""
+
+    def __init__(self, fused: nn.Linear):
+        super().__init__()
+        if fused.out_features % 3:
+            raise VistuneError(f"a qkv Linear with {fused.out_features} outputs cannot be split in three")
+        d = fused.out_features // 3
+        self.fused = fused  # the stock module: its tensors stay frozen backbone tensors
+        self.q, self.k, self.v = (FusedSlice(fused, i * d, (i + 1) * d) for i in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+    def merged(self) -> nn.Linear:
+        """One plain Linear again (called once q/k/v hold plain, merged Linears)."""
+        parts = [self.q, self.k, self.v]
+        plain = nn.Linear(self.fused.in_features, self.fused.out_features, bias=self.fused.bias is not None,
+                          device=self.fused.weight.device, dtype=self.fused.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(torch.cat([p.weight for p in parts]))
+            if plain.bias is not None:
+                plain.bias.copy_(torch.cat([p.bias for p in parts]))
+        return plain.requires_grad_(False)
+
+
+def parse_targets(spec: str, family: str) -> set[str]:
+    """'qv+mlp' → the roles it names, checked against the family's presets."""
+    presets = CNN_PRESETS if family == "cnn" else TRANSFORMER_PRESETS
+    roles: set[str] = set()
+    for atom in spec.split("+"):
+        atom = atom.strip()
+        if atom not in presets:
+            other = TRANSFORMER_PRESETS if family == "cnn" else CNN_PRESETS
+            why = f" ({atom!r} is a preset of the other families)" if atom in other else ""
+            raise VistuneError(f"targets={spec!r}: {atom!r} is not a target preset for the {family} family{why}",
+                               f"use one of {', '.join(presets)}, joined by '+' (e.g. "
+                               f"{'conv+linear' if family == 'cnn' else 'qv+mlp'})")
+        roles |= presets[atom]
+    return roles
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def resolve_targets(backbone, spec: str) -> dict[str, str]:
+    """Module names to adapt in ``backbone.model`` → their role; splits fused qkv Linears when needed.
+
+    Called on the method's copy of the backbone (it may wrap modules in place)."""
+    roles = parse_targets(spec, backbone.family)
+    model = backbone.model
+    found: dict[str, str] = {}
+    if backbone.family == "cnn":
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and m.groups == 1:
+                if "conv" in roles or ("pointwise" in roles and m.kernel_size == (1, 1)):
+                    found[name] = "pointwise" if m.kernel_size == (1, 1) else "conv"
+            elif isinstance(m, nn.Linear) and "linear" in roles:
+                found[name] = "linear"
+    else:
+        covered: set[int] = set()
+        for block in backbone.blocks():
+            attn, mlp = block.attn, block.mlp
+            qkv = getattr(attn, "qkv", None)
+            if not isinstance(qkv, nn.Linear) or getattr(attn, "q_bias", None) is not None:
+                raise VistuneError(f"backbone {backbone.spec.name!r}: attention has no fused qkv Linear that "
+                                   "runs as a module", "target it with a CNN/ViT/Swin model from timm's stock zoo")
+            covered |= {id(qkv), id(attn.proj), id(mlp.fc1), id(mlp.fc2)}
+            qkv_name = backbone.module_names([qkv])[0]
+            wanted = [r for r in QKV if r in roles]
+            if wanted:
+                _replace(model, qkv_name, SplitQKV(qkv))
+                found.update({f"{qkv_name}.{r}": r for r in wanted})
+            for role, module in (("proj", attn.proj), ("fc1", mlp.fc1), ("fc2", mlp.fc2)):
+                if role in roles:
+                    found[backbone.module_names([module])[0]] = role
+        if "other-linear" in roles:
+            for name, m in model.named_modules():
+                if isinstance(m, nn.Linear) and not isinstance(m, FusedSlice) and id(m) not in covered:
+                    found[name] = "other-linear"
+    if not found:
+        raise VistuneError(f"targets={spec!r} matches no module of backbone {backbone.spec.name!r}",
+                           "choose another preset (see `vistune methods --details`)")
+    return found
+
+
+def exact_names(names) -> str:
+    """A peft ``target_modules`` pattern matching exactly these module names (peft reads a list as
+    name *suffixes*: "norm" would also match "patch_embed.norm"; a string is a full-match regex)."""
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+@dataclass
+class PeftMethodConfig(MethodConfig):
+    targets: str = option("auto", "modules to adapt: presets joined by '+' (ViT/Swin: q k v qv kv qkv proj attn "
+                                  "fc1 fc2 mlp all-linear; CNN: conv pointwise linear dense); auto = the method's")
+
+
+class PeftMethod(Method):
+    """A frozen backbone with peft layers injected into the method's copy, and a linear head."""
+
+    default_targets = {"vit": "qv", "swin": "qv", "cnn": "dense"}
+
+    def __init__(self, backbone, config, num_classes):
+        super().__init__(backbone, config, num_classes)
+        self.targets = self.select_targets(backbone, config)
+        with warnings.catch_warnings():
+            # peft cannot read in/out features off a norm layer (LN-tuning) and warns; nothing is wrong
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            require_peft().inject_adapter_in_model(self.peft_config(self.targets), backbone.model, ADAPTER_NAME)
+        self.head = self.make_linear_head()
+
+    def select_targets(self, backbone, config) -> dict[str, str]:
+        """Module name → role of every module peft adapts."""
+        spec = self.default_targets[backbone.family] if config.targets == "auto" else config.targets
+        return resolve_targets(backbone, spec)
+
+    def peft_config(self, targets: dict[str, str]):
+        """The peft config that adapts exactly ``targets``."""
+        raise NotImplementedError
+
