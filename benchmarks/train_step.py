@@ -6,12 +6,21 @@ rows show it). Rows:
   frozen-floor  forward + input-gradient backward of the bare backbone (what any method that needs
                 gradients at the input pays at least; no parameter gradients)
   infer-bare    inference of the bare backbone (pooled features)
-  <method>      one optimizer step (forward, backward, SGD step) of the adapted model; its
-                inference latency, and for token prompts the (N+p)/N token floor of the bare time
+  <method>      one optimizer step (forward, backward, SGD step) of the adapted model and its
+                inference latency at batch N and at batch 1
+  pgn@deploy    (any method with an input-only mode) inference measured in deploy mode: the
+                prompts enter the frozen backbone as extra pixel patches
 
 Example (the table in docs/benchmarks.md):
   python benchmarks/train_step.py --backbone tf_efficientnet_lite0 --image-size 128 --batch-size 32 \
       --methods linear,full,partial-1,mlp-3,bias,adapter,sidetune,vpt-pad
+  python benchmarks/train_step.py --backbone vit_base_patch32_224 --random-init --image-size 224 \
+      --batch-size 32 --methods pgn,pgn@deploy,vpt-deep:num_tokens=16,full
+  --task segmentation: the methods get the FPN decoder head (per-pixel loss on (B, H, W) targets); the bare
+  rows run the backbone's multi-scale forward (forward_intermediates) instead of the pooled one
+  (docs/segmentation.md):
+  python benchmarks/train_step.py --backbone tf_efficientnet_lite0 --image-size 128 --batch-size 32 \
+      --task segmentation --methods linear,pro-tuning,full
 """
 from __future__ import annotations
 
@@ -57,6 +66,11 @@ def measure(args) -> dict:
     backbone = load_backbone(args.backbone, random_init=args.random_init, model_kwargs=kwargs)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
+    if args.task == "segmentation":
+        from vistune.methods.decoder import dense_features
+
+        y = torch.randint(0, 10, (args.batch_size, args.image_size, args.image_size), device=device)
+        backbone.forward_features = lambda xb: sum(f.float().mean() for f in dense_features(backbone, xb))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     row = {"config": args.config}
@@ -75,14 +89,17 @@ def measure(args) -> dict:
             with torch.no_grad(), amp:
                 row["infer_ms"] = 1000 * _timeit(lambda: backbone.forward_features(x), device, args.steps,
                                                  args.warmup)
+                row["infer1_ms"] = 1000 * _timeit(lambda: backbone.forward_features(x[:1]), device, args.steps,
+                                                  args.warmup)
         row["tuned_params"] = 0
     else:
-        name, _, opts = args.config.partition(":")
+        method, _, opts = args.config.partition(":")
+        name, _, mode = method.partition("@")
         sets = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
         config = make_config(name, sets)
         if getattr(config, "image_size", "absent") is None:
             config.image_size = args.image_size
-        model = adapt(backbone, config, 10).to(device)
+        model = adapt(backbone, config, 10, task=args.task).to(device)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
         def step():
@@ -95,8 +112,11 @@ def measure(args) -> dict:
         row["train_step_ms"] = 1000 * _timeit(step, device, args.steps, args.warmup)
         peak_train = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         model.eval()
+        if mode == "deploy":
+            model.deploy = True
         with torch.no_grad(), amp:
             row["infer_ms"] = 1000 * _timeit(lambda: model(x), device, args.steps, args.warmup)
+            row["infer1_ms"] = 1000 * _timeit(lambda: model(x[:1]), device, args.steps, args.warmup)
         row["tuned_params"] = count_parameters(model)["tuned_params"]
         if peak_train is not None:
             row["peak_mb"] = peak_train
@@ -116,6 +136,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--task", choices=["classification", "segmentation"], default="classification")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -152,17 +173,19 @@ def _split_methods(text: str) -> list[str]:
 
 
 def _print_table(rows, args):
-    bare = next((r["infer_ms"] for r in rows if r["config"] == "infer-bare"), None)
+    bare = next((r for r in rows if r["config"] == "infer-bare"), None)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.machine()}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"\nbackbone {args.backbone}, batch {args.batch_size}, {args.image_size}px, {dev}, torch {torch.__version__}, "
+    print(f"\n{args.task}, backbone {args.backbone}, batch {args.batch_size}, {args.image_size}px, {dev}, torch {torch.__version__}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print("| config | tuned params | train step (ms) | peak memory (MiB) | inference (ms) | inference / bare |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| config | tuned params | train step (ms) | peak memory (MiB) | inference b{args.batch_size} (ms) | "
+          f"/ bare | inference b1 (ms) | / bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
     for r in rows:
-        ratio = f"{r['infer_ms'] / bare:.2f}×" if "infer_ms" in r and bare else "-"
-        print(f"| {r['config']} | {r['tuned_params']:,} | {r.get('train_step_ms', float('nan')):.1f} | "
-              f"{r['peak_mb']:.0f} | {r.get('infer_ms', float('nan')):.1f} | {ratio} |")
+        ratios = [f"{r[k] / bare[k]:.2f}×" if k in r and bare else "-" for k in ("infer_ms", "infer1_ms")]
+        print(f"| {r['config']} | {r['tuned_params']:,} | {r.get('train_step_ms', nan):.1f} | {r['peak_mb']:.0f} | "
+              f"{r.get('infer_ms', nan):.1f} | {ratios[0]} | {r.get('infer1_ms', nan):.1f} | {ratios[1]} |")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def test_unknown_suite_and_missing_data_root():
         load_suite("offline-mimi")
     with pytest.raises(VistuneError, match="NOAH") as e:
         run_bench("vtab-1k", ["linear"], "never-loaded", "unused-out")
-    assert "future work" in e.value.fix
+    assert "vistune data vtab --download" in e.value.fix
     with pytest.raises(VistuneError, match="caltech101"):
         run_bench("vtab-1k", ["linear"], "never-loaded", "unused-out", data_root=".")
     with pytest.raises(VistuneError, match="Did you mean 'linear'"):

@@ -45,6 +45,7 @@ def save_artifact(model: Method, out_dir: str | os.PathLike, *, class_names: lis
         "method": model.info.name,
         "config": model.config.to_dict(),
         "num_classes": model.num_classes,
+        "task": getattr(model, "task", "classification"),  # segmentation: the head is the FPN decoder
         "class_names": list(class_names),
         "backbone": {**backbone.spec.to_dict(), "family": backbone.family,
                      "fingerprint": backbone.fingerprint()},
@@ -142,7 +143,7 @@ def load_artifact(out_dir: str | os.PathLike, backbone: BackboneView | None = No
             f"load it with the backbone it was trained on ({how}, source {b['source']})",
         )
     config = make_config(meta["method"], meta["config"])
-    model = adapt(backbone, config, meta["num_classes"])
+    model = adapt(backbone, config, meta["num_classes"], task=meta.get("task", "classification"))
     expected = model.tuned_state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

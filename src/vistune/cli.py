@@ -92,6 +92,9 @@ def _print_metrics(m: dict) -> None:
     rows = [
         ("val accuracy", f"{m['val_accuracy']:.4f} (epoch {m['best_epoch']})"),
         ("test accuracy", "-" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}"),
+        *([("val mIoU", f"{m['val_miou']:.4f} (pixel accuracy above)"),
+           ("test mIoU", "-" if m["test_miou"] is None else f"{m['test_miou']:.4f}")]
+          if m.get("task") == "segmentation" else []),
         ("tuned params", f"{m['tuned_params']:,} ({m['tuned_percent']:.3f}% of backbone; "
                          f"{m['tuned_params_excluding_head']:,} excl. head)"),
         ("backbone params", f"{m['backbone_params']:,}"),
@@ -105,12 +108,16 @@ def _print_metrics(m: dict) -> None:
 
 def cmd_train(args) -> int:
     from .run import Job, run_job
+    from .training import distributed
 
     job = Job(backbone=args.backbone, method=args.method, data=args.data, out=args.out,
               overrides=_parse_sets(args.set), checkpoint=args.checkpoint, random_init=args.random_init,
               image_size=args.image_size, normalization=args.normalization, augment=args.augment,
-              train_size=args.train_size, val_size=args.val_size, train=_train_config(args))
-    metrics = run_job(job, resume=args.resume, progress=not args.quiet)
+              train_size=args.train_size, val_size=args.val_size, train=_train_config(args), task=args.task)
+    with distributed.process_group(args.device):  # several processes under torchrun; else a no-op
+        metrics = run_job(job, resume=args.resume, progress=not args.quiet)
+        if not distributed.is_main():
+            return 0  # rank 0 reports (and alone wrote the artifact)
     metrics.pop("model")
     _print_metrics(metrics)
     console.print(f"artifact: {args.out}/adapter.safetensors, adapter.json, metrics.json")
@@ -145,10 +152,18 @@ def cmd_eval(args) -> int:
     from .training import evaluate
 
     model, meta, device = _load_for_inference(args)
-    _, eval_tf = transforms_for(meta["preprocessing"])
+    segmentation = meta.get("task") == "segmentation"
+    if segmentation:
+        from .data.segmentation import load_segmentation_data, seg_transforms
+
+        _, eval_tf = seg_transforms(meta["preprocessing"])
+        load = load_segmentation_data
+    else:
+        _, eval_tf = transforms_for(meta["preprocessing"])
+        load = load_data
     # redraw the splits exactly as training did (seed, subset sizes), so --split val is the run's val set
     splits = {k: v for k, v in meta.get("data", {}).items() if k != "spec"}
-    data = load_data(args.data, train_transform=eval_tf, eval_transform=eval_tf, **splits)
+    data = load(args.data, train_transform=eval_tf, eval_transform=eval_tf, **splits)
     if data.class_names != meta["class_names"]:
         raise VistuneError(
             f"the classes of {args.data} ({data.class_names[:10]}…) differ from the artifact's "
@@ -162,6 +177,9 @@ def cmd_eval(args) -> int:
     res.update(split=args.split, adapter=str(args.adapter), data=args.data, method=meta["method"], deploy=args.deploy)
     if args.json:
         print(json.dumps(res))
+    elif segmentation:
+        console.print(f"{meta['method']} on {args.data} [{args.split}]: mIoU {res['miou']:.4f}, pixel accuracy "
+                      f"{res['pixel_accuracy']:.4f} over {res['n']} images (mean pixel loss {res['loss']:.4f})")
     else:
         mode = " (deployed as pixels)" if args.deploy else ""
         console.print(f"{meta['method']}{mode} on {args.data} [{args.split}]: accuracy {res['accuracy']:.4f} "
@@ -176,6 +194,11 @@ def cmd_predict(args) -> int:
     from .run import transforms_for
 
     model, meta, device = _load_for_inference(args)
+    if meta.get("task") == "segmentation":
+        return _predict_masks(args, model, meta, device)
+    if args.mask_out:
+        raise VistuneError(f"--mask-out: {args.adapter} holds a {meta.get('task', 'classification')} artifact",
+                           "masks come from artifacts trained with --task segmentation; drop --mask-out")
     _, eval_tf = transforms_for(meta["preprocessing"])
     names = meta["class_names"]
     k = min(args.top_k, len(names))
@@ -199,13 +222,42 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    from .pretrain import pretrain
+def _predict_masks(args, model, meta, device) -> int:
+    """Segmentation artifacts: per image, the class of every pixel (logits upsampled to the image's own size);
+    ``--mask-out DIR`` writes DIR/<stem>.png, a palette PNG whose pixel values are the class indices."""
+    from pathlib import Path
 
-    card = pretrain(args.recipe, args.data, args.out, epochs=args.epochs, device=args.device,
-                    progress=not args.quiet, seed=args.seed)
-    console.print(f"{card['name']}: CIFAR-10 test top-1 {card['test_top1']:.4f}, {card['params']:,} params, "
-                  f"{card['wall_seconds']:.0f} s on {card['hardware']}; wrote {args.out}/{card['weights']} + card")
+    import torch
+    import torch.nn.functional as F
+
+    from .data import load_image
+    from .data.segmentation import seg_transforms, write_mask_png
+
+    _, eval_tf = seg_transforms(meta["preprocessing"])
+    names = meta["class_names"]
+    results = []
+    for path in args.images:
+        img = load_image(path)
+        x, _ = eval_tf(img, torch.zeros(img.height, img.width, dtype=torch.uint8).numpy())
+        with torch.no_grad():
+            logits = model(x.unsqueeze(0).to(device)).float()
+            mask = F.interpolate(logits, size=(img.height, img.width), mode="bilinear",
+                                 align_corners=False).argmax(1)[0].cpu()
+        counts = torch.bincount(mask.flatten(), minlength=len(names))
+        entry = {"image": str(path), "classes": {names[k]: float(c) / mask.numel()
+                                                 for k, c in enumerate(counts.tolist()) if c}}
+        if args.mask_out:
+            out = Path(args.mask_out) / f"{Path(path).stem}.png"
+            write_mask_png(out, mask.numpy().astype("uint8"))
+            entry["mask"] = str(out)
+        results.append(entry)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            top = sorted(r["classes"].items(), key=lambda kv: -kv[1])[: args.top_k]
+            where = f" → {r['mask']}" if "mask" in r else ""
+            console.print(f"{r['image']}: " + ", ".join(f"{n} {f:.1%}" for n, f in top) + where)
     return 0
 
 
@@ -224,6 +276,44 @@ def cmd_export(args) -> int:
         export_peft(model, args.peft)
         console.print(f"{args.peft}: peft adapter_model.safetensors + adapter_config.json "
                       "(PeftModel.from_pretrained(timm_model, DIR))")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    card = pretrain(args.recipe, args.data, args.out, epochs=args.epochs, device=args.device,
+                    progress=not args.quiet, seed=args.seed)
+    console.print(f"{card['name']}: CIFAR-10 test top-1 {card['test_top1']:.4f}, {card['params']:,} params, "
+                  f"{card['wall_seconds']:.0f} s on {card['hardware']}; wrote {args.out}/{card['weights']} + card")
+    return 0
+
+
+def cmd_data_vtab(args) -> int:
+    from pathlib import Path
+
+    from .data import vtab_download as vtab
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.download:
+        written = vtab.download(args.out, tasks, tfds_dir=args.tfds_dir, log=console.print)
+        console.print(f"wrote {len(written)} task folder(s) under {args.out}; use them with "
+                      f"vistune bench --suite vtab-1k --data-root {args.out}")
+        return 0
+    problems = 0
+    for task in vtab.select_tasks(tasks):  # without --download: check what is there against the manifests
+        folder = Path(args.out) / task.name
+        if not (folder / vtab.MANIFEST).is_file():
+            console.print(f"{task.name}: missing")
+            problems += 1
+            continue
+        bad = vtab.verify_task(folder)
+        problems += bool(bad)
+        console.print(f"{task.name}: " + (f"{len(bad)} file(s) missing or changed, e.g. {bad[0]}" if bad else "intact"))
+    if problems:
+        raise VistuneError(f"{problems} VTAB-1k task folder(s) under {args.out} are missing or damaged",
+                           f"vistune data vtab --download --out {args.out} writes the missing ones "
+                           "(delete a damaged task folder first)")
     return 0
 
 
@@ -270,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder (train/<class>/…), VTAB-1k list-file folder, or built-in: "
                         "fashion-mnist, mnist5k, digits, cifar10:<path>")
     p.add_argument("--out", required=True, metavar="OUT", help="folder for the artifact and metrics.json")
+    p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="segmentation: an FPN decoder on the backbone's multi-scale features, per-pixel loss, "
+                        "val selection and report by mIoU; data: seg-digits or a folder of images/ + index-mask "
+                        "masks/ (docs/segmentation.md)")
     p.add_argument("--train-size", type=int, metavar="N", help="stratified N-image subset of train (VTAB-1k: 800)")
     p.add_argument("--val-size", type=int, metavar="N", help="stratified N-image subset of val (VTAB-1k: 200)")
     p.add_argument("--epochs", type=int, default=10)
@@ -297,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    for name, helptext in (("eval", "accuracy of an artifact on a dataset split"),
-                           ("predict", "top-k classes for images")):
+    for name, helptext in (("eval", "accuracy (segmentation: mIoU) of an artifact on a dataset split"),
+                           ("predict", "top-k classes for images (segmentation: per-pixel classes, --mask-out)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--adapter", required=True, metavar="OUT", help="folder written by `vistune train`")
         p.add_argument("--checkpoint", metavar="FILE",
@@ -316,7 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("images", nargs="+", metavar="IMAGE")
             p.add_argument("--top-k", type=int, default=5)
+            p.add_argument("--mask-out", metavar="DIR",
+                           help="segmentation artifacts: write DIR/<image stem>.png, a palette PNG of class indices")
             p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="prepare benchmark data sets")
+    data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    p = data_sub.add_parser("vtab", help="VTAB-1k's 19 tasks as list-file folders (train800/val200/test), "
+                                         "through tensorflow-datasets (pip install 'vistune[vtab]')")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for <task>/ folders (the bench --data-root)")
+    p.add_argument("--download", action="store_true",
+                   help="download and write missing tasks (needs the network); without it: verify DIR's tasks "
+                        "against their manifest checksums")
+    p.add_argument("--tasks", metavar="T,T,…", help="only these tasks (default: all 19)")
+    p.add_argument("--tfds-dir", metavar="DIR", help="tensorflow-datasets' data_dir (default: tfds's, ~/tensorflow_datasets)")
+    p.set_defaults(func=cmd_data_vtab)
 
     p = sub.add_parser("export", help="merge an artifact into a plain timm model (--merged) or write peft's "
                                       "format (--peft); lora, dora, ia3, ln-tuning, ssf, bias, partial, full")
@@ -422,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+            raise VistuneError(f"`vistune {args.command}` runs in one process; torchrun started several",
+                               "use torchrun only for `vistune train` (one data-parallel run); "
+                               "run this command without torchrun")
         return args.func(args)
     except VistuneError as e:
         print(f"error: {e.what}", file=sys.stderr)

@@ -21,7 +21,7 @@ from .backbones import BackboneView, load_backbone
 from .data import DataSplits, build_transforms, load_data
 from .errors import VistuneError
 from .methods import adapt, count_parameters, make_config
-from .training import TrainConfig, evaluate, train
+from .training import TrainConfig, distributed, evaluate, train
 from .training.trainer import resolve_device
 
 METRICS = "metrics.json"
@@ -45,6 +45,7 @@ class Job:
     test_size: int | None = None
     protocol: str = "train-val"
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "classification"  # or "segmentation": FPN decoder head, image/mask data, mIoU
 
 
 def preprocessing_for(backbone: BackboneView, job: Job) -> dict:
@@ -93,6 +94,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
             backbone: BackboneView | None = None, data: DataSplits | None = None) -> dict:
     """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``."""
     out = Path(job.out) if job.out else None
+    progress = progress and distributed.is_main()
     if out is not None:
         check_out_dir(out, resume)
     config = make_config(job.method, job.overrides)  # validate options before any slow loading
@@ -101,18 +103,36 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         backbone = load_backbone(job.backbone, checkpoint=job.checkpoint, random_init=job.random_init,
                                  model_kwargs=job.model_kwargs)
     prep = preprocessing_for(backbone, job)
+    segmentation = job.task == "segmentation"
+    if segmentation:
+        from .data.segmentation import seg_transforms
+
+        make_transforms = seg_transforms
+    else:
+        make_transforms = transforms_for
     if data is None:
-        train_tf, eval_tf = transforms_for(prep)
-        data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
+        train_tf, eval_tf = make_transforms(prep)
+        if segmentation:
+            from .data.segmentation import load_segmentation_data
+
+            data = load_segmentation_data(job.data, train_transform=train_tf, eval_transform=eval_tf,
+                                          **split_settings(job))
+        else:
+            from .data.segmentation import SEG_BUILTINS, is_segmentation_data
+
+            if is_segmentation_data(job.data):
+                raise VistuneError(f"{job.data!r} is a segmentation data set ({', '.join(SEG_BUILTINS)})",
+                                   "add --task segmentation")
+            data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
     if getattr(config, "image_size", "absent") is None:  # methods that size parameters by the input
         config.image_size = prep["image_size"]
     torch.manual_seed(job.train.seed)  # the method's own initialisation
-    model = adapt(backbone, config, num_classes=len(data.class_names))
+    model = adapt(backbone, config, num_classes=len(data.class_names), task=job.task)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     if not resume:  # a resumed run restores the prepared state from its checkpoint
-        eval_tf = transforms_for({**prep, "augment": False})[1]
+        eval_tf = make_transforms({**prep, "augment": False})[1]
         model.prepare(data.train.with_transform(eval_tf), device=device,
                       batch_size=max(64, job.train.batch_size), progress=progress)
     result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
@@ -134,6 +154,9 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "val_accuracy": result.val_accuracy,
         "best_epoch": result.best_epoch,
         "test_accuracy": None if test is None else test["accuracy"],
+        **({"task": "segmentation", "val_miou": result.val_miou,  # accuracy = pixel accuracy
+            "test_miou": None if test is None else test["miou"],
+            "test_iou": None if test is None else test["iou"]} if segmentation else {}),
         **counts,
         "tuned_percent": 100 * counts["tuned_params"] / counts["backbone_params"],
         "train_seconds": result.train_seconds,
@@ -146,10 +169,11 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "preprocessing": prep,
         "history": result.history,
         "device": str(device),
+        "processes": distributed.world_size(),  # > 1: data-parallel under torchrun (metrics from rank 0)
         "versions": {"vistune": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
-    if out is not None:
+    if out is not None and distributed.is_main():  # under torchrun, rank 0 alone writes
         metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
                                                   extra={"data": {"spec": job.data, **split_settings(job)}})
         atomic_write_json(out / METRICS, metrics)

@@ -67,6 +67,7 @@ class AdaptedOutput(nn.Module):
           description="Pfeiffer adapter after each FFN (ViT/Swin) or a 1x1-conv bottleneck after each block (CNN)")
 class Adapter(Method):
     Config = AdapterConfig
+    supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def __init__(self, backbone, config, num_classes):
         super().__init__(backbone, config, num_classes)

@@ -112,6 +112,10 @@ class Method(nn.Module):
 
     info: ClassVar["MethodInfo"]
     Config: ClassVar[type[MethodConfig]]
+    # may ``adapt(..., task="segmentation")`` put an FPN decoder (methods/decoder.py) over this method's
+    # backbone? False for methods that add tokens, pad the input, calibrate on class labels or cache features
+    supports_segmentation: ClassVar[bool] = False
+    task: str = "classification"  # set by adapt(); "segmentation": head = FPN decoder, logits (B, K, H, W)
 
     def __init__(self, backbone: BackboneView, config: MethodConfig, num_classes: int):
         super().__init__()
@@ -137,7 +141,15 @@ class Method(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
 
+    def dense_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale NCHW feature maps (finest first) of the adapted backbone, for the segmentation decoder."""
+        from .decoder import dense_features
+
+        return dense_features(self.backbone, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task == "segmentation":
+            return self.head(self.dense_features(x), x.shape[-2:])
         return self.head(self.features(x))
 
     # ---- shared behaviour -----------------------------------------------------------------
@@ -229,8 +241,13 @@ def make_config(name: str, overrides: dict[str, object] | None = None) -> Method
     return info.config_class.from_overrides({**implied, **(overrides or {})}, info.name)
 
 
-def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int) -> Method:
-    """Wrap a frozen backbone with a method and a ``num_classes`` head; the backbone is untouched."""
+def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int,
+          task: str = "classification") -> Method:
+    """Wrap a frozen backbone with a method and a ``num_classes`` head; the backbone is untouched.
+
+    ``task="segmentation"``: the head is an FPN decoder over the backbone's multi-scale features
+    (methods/decoder.py) and the model returns per-pixel logits (B, num_classes, H, W)."""
+    from .decoder import TASKS
     if isinstance(config, str):
         config = make_config(config)
     info = next((i for i in METHODS.values() if i.config_class is type(config)), None)
@@ -244,10 +261,25 @@ def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int) 
         )
     if num_classes < 2:
         raise VistuneError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    if task not in TASKS:
+        raise VistuneError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
+    if task == "segmentation" and not info.method_class.supports_segmentation:
+        able = sorted(n for n, i in METHODS.items() if i.method_class.supports_segmentation)
+        raise VistuneError(
+            f"method {info.name!r} does not support segmentation (it adds tokens or pads the input, calibrates on "
+            "image labels, or trains a head on pooled features only)",
+            f"use one of: {', '.join(able)} (linear = frozen backbone + decoder only)",
+        )
     config.validate()
     tuned = info.method_class.tuned_backbone_parameters(backbone, config)
     view = backbone.clone_for_tuning(tuned)
     model = info.method_class(view, config, num_classes)
+    if task == "segmentation":
+        from .decoder import make_decoder
+
+        model.task = task
+        model.trains_head_only = False  # the decoder reads feature maps: no pooled-feature cache
+        model.head = make_decoder(model.backbone, num_classes)
     return model
 
 

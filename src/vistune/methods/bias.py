@@ -15,6 +15,7 @@ class BiasConfig(MethodConfig):
           description="Bias tuning (BitFit): all bias terms of the backbone, incl. norm biases")
 class Bias(Method):
     Config = BiasConfig
+    supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def __init__(self, backbone, config, num_classes):
         super().__init__(backbone, config, num_classes)

@@ -14,6 +14,7 @@ class FullConfig(MethodConfig):
 @register("full", category="fine-tuning", description="Full fine-tuning: all backbone parameters and a linear head")
 class Full(Method):
     Config = FullConfig
+    supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
     default_optimizer = "adamw"
 
     def __init__(self, backbone, config, num_classes):

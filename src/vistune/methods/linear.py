@@ -14,6 +14,7 @@ class LinearConfig(MethodConfig):
 @register("linear", category="fine-tuning", description="Linear probe: a linear head on the frozen pooled feature")
 class Linear(Method):
     Config = LinearConfig
+    supports_segmentation = True  # segmentation = frozen backbone + FPN decoder only (the baseline)
     trains_head_only = True  # the frozen feature can be computed once (feature cache)
 
     def __init__(self, backbone, config, num_classes):

@@ -30,6 +30,7 @@ def _tuned_modules(backbone, k: int):
           description="Partial-k: tune the last k blocks and the final norm (`partial-2` = k=2)")
 class Partial(Method):
     Config = PartialConfig
+    supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def __init__(self, backbone, config, num_classes):
         super().__init__(backbone, config, num_classes)

@@ -91,7 +91,7 @@ class Prompted(nn.Module):
 
 @register("pro-tuning", category="prompt",
           description="Pro-tuning (our reading): input-dependent prompt blocks (1x1-dw kxk-1x1 conv, zero-init) "
-                      "added at every CNN stage / every k-th ViT or Swin block")
+                      "added at every CNN stage / before every k-th ViT or Swin block")
 class ProTuning(Method):
     Config = ProTuningConfig
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)

@@ -6,6 +6,11 @@ of methods that set ``default_optimizer = "adamw"``, e.g. full fine-tuning).
 
 Determinism: every epoch seeds its own shuffling and dropout from (seed, epoch), so a run that
 is resumed from its last checkpoint computes exactly what the uninterrupted run computes.
+
+Data parallel (torchrun, see :mod:`.distributed`): every epoch draws one global permutation of the
+training set (DistributedSampler, seeded by (seed, epoch)); global batch k is its items k·B … k·B+B-1 in
+one process, and the same items split over N processes (B/N each, DDP averaging the gradients) under
+torchrun, so both compute the same steps up to float rounding.
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .._io import atomic_write
 from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
+from . import distributed
 
 STATE_FILE = "train_state.pt"
 
@@ -70,14 +78,16 @@ class TrainResult:
     epochs: int
     train_seconds: float
     history: list[dict] = field(default_factory=list)
+    val_miou: float | None = None  # segmentation: the selected epoch's val mIoU (the selection metric)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device of ``--device``; under torchrun a bare ``cuda`` is this process's own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VistuneError(
             f"--device {device} requested, but PyTorch sees no CUDA GPU on this machine "
@@ -86,7 +96,7 @@ def resolve_device(device: str) -> torch.device:
         )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise VistuneError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or auto")
-    return torch.device(device)
+    return distributed.local_device(torch.device(device))
 
 
 class InMemory(Dataset):
@@ -173,19 +183,57 @@ def _autocast(device: torch.device, amp: bool | None):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device="cpu",
              amp: bool | None = None, progress: bool = False, desc: str = "eval") -> dict:
-    """Top-1 accuracy and mean loss of ``model`` on ``dataset``."""
+    """Top-1 accuracy and mean loss of ``model`` on ``dataset``.
+
+    Segmentation (the model returns (B, K, H, W) logits, items carry (H, W) masks, 255 = ignore): a K×K
+    confusion matrix gives ``miou`` (mean IoU over the classes present in the ground truth or the
+    prediction), ``pixel_accuracy`` (also returned as ``accuracy``), per-class ``iou``, the mean per-pixel
+    ``loss`` and ``n`` images.
+
+    Under torchrun each process evaluates every N-th item and the counts are summed, so every process
+    gets the accuracy of the whole dataset (and selects the same epoch)."""
     device = torch.device(device)
     model.eval()
+    if distributed.active():
+        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     correct, total, loss_sum = 0, 0, 0.0
+    conf, images = None, 0  # segmentation: confusion matrix (rows = truth) and image count
     for x, y in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
             logits = model(x)
+        if logits.ndim == 4:
+            from ..data.segmentation import IGNORE_INDEX, confusion_matrix
+
+            loss_sum += nn.functional.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX,
+                                                    reduction="sum").item()
+            c = confusion_matrix(logits.argmax(1), y, logits.shape[1])
+            conf = c if conf is None else conf + c
+            images += len(y)
+            continue
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)
+    if conf is not None or (distributed.active() and getattr(model, "task", None) == "segmentation"):
+        return _segmentation_scores(model, conf, images, loss_sum, device)
+    correct, total, loss_sum = distributed.sum_across([correct, total, loss_sum], device)
+    correct, total = int(correct), int(total)
     return {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "n": total}
+
+
+def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> dict:
+    """Sum the confusion matrix, loss and counts over processes (all-reduce), then mIoU / pixel accuracy."""
+    from ..data.segmentation import scores_from_confusion
+
+    k = conf.shape[0] if conf is not None else model.num_classes  # a process that got no items
+    flat = conf.flatten().tolist() if conf is not None else [0] * (k * k)
+    summed = distributed.sum_across([*flat, float(images), loss_sum], device)
+    conf = torch.tensor(summed[:k * k], dtype=torch.float64).reshape(k, k)
+    pixels = float(conf.sum())
+    scores = scores_from_confusion(conf)
+    return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "accuracy": scores["pixel_accuracy"],
+            "iou": scores["iou"], "loss": summed[-1] / max(1.0, pixels), "n": int(summed[-2])}
 
 
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
@@ -198,12 +246,20 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     from it to the same result as an uninterrupted run.
     """
     device = resolve_device(cfg.device)
+    world, rank = distributed.world_size(), distributed.rank()
+    if cfg.batch_size % world:
+        raise VistuneError(
+            f"--batch-size {cfg.batch_size} cannot be split evenly over the {world} processes torchrun started",
+            f"use a multiple of {world} (each process takes batch-size/{world} images of every batch)",
+        )
+    progress = progress and distributed.is_main()
     model.to(device)
     augment = augment or batch_transform is not None
     if cfg.cache_inputs and not augment:
         train_set, val_set = InMemory(train_set), InMemory(val_set)
     net: nn.Module = model  # what one training step runs
-    if cfg.cache_features and not augment and getattr(model, "trains_head_only", False):
+    segmentation = getattr(model, "task", "classification") == "segmentation"
+    if cfg.cache_features and not augment and getattr(model, "trains_head_only", False) and not segmentation:
         bs = max(cfg.batch_size, 64)
         train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
         val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
@@ -213,6 +269,10 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             f"the training split has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}",
             f"use --batch-size {max(2, len(train_set) // 2)} or more training data",
         )
+    # one process: net itself; under torchrun: DDP around it, averaging gradients over the processes.
+    # Buffers (BatchNorm running statistics) are not broadcast each step but averaged after each epoch.
+    step_net = net if world == 1 else DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = _make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
@@ -238,48 +298,62 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: BatchNorm heads need batches > 1
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"train {model.info.name}", disable=None if progress else True, unit="step", dynamic_ncols=True)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=255 if segmentation else -100)
+    select_on = "miou" if segmentation else "accuracy"  # segmentation selects on val mIoU
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same per epoch with or without resume
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            generator=gen, num_workers=cfg.num_workers)
+        # the epoch's permutation is randperm(seed·1000 + epoch); rank r takes its items r, r+N, r+2N, …,
+        # so the r-th slice of B/N items of every process's batch k together are global batch k
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg.seed * 1000, drop_last=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
+                            num_workers=cfg.num_workers)
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(epoch, cfg)
         model.train()
+        step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0
         for step, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if batch_transform is not None:
                 x = batch_transform(x)
             with _autocast(device, cfg.amp):
-                logits = net(x)
+                logits = step_net(x)
             loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+            # the global batch's loss (equal shares: the mean of the processes' means); every process
+            # sees the same value, so a divergence stops all of them at the same step
+            batch_loss = distributed.sum_across([loss.item()], device)[0] / world
+            if not math.isfinite(batch_loss):
                 raise TrainingDiverged(
-                    f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"training diverged: the loss became {batch_loss} at epoch {epoch + 1}, step {step + 1} "
                     f"(effective lr {optimizer.param_groups[0]['lr']:.4g})",
                     "lower --lr (e.g. by 10×), or use --optimizer adamw; check the data for broken images",
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
+            loss_sum += batch_loss * len(y) * world
+            seen += len(y) * world
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.3f}")
+        # each process updated train-mode BatchNorm statistics on its own B/N images: agree on their mean
+        if world > 1:
+            distributed.average_across(_tuned_buffers(model))
         train_time = time.perf_counter() - t0
         val = evaluate(net, val_set, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_accuracy": val["accuracy"],
-                        "val_loss": val["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": train_time})
+                        "val_loss": val["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": train_time,
+                        **({"val_miou": val["miou"]} if segmentation else {})})
         bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_sum / max(1, seen):.3f}",
                         val=f"{val['accuracy']:.3f}")
-        if cfg.select == "last" or val["accuracy"] > best_val:
-            best_val, best_epoch = val["accuracy"], epoch + 1
+        if cfg.select == "last" or val[select_on] > best_val:
+            best_val, best_epoch = val[select_on], epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.tuned_state_dict().items()}
-        if state_path is not None:
+        if state_path is not None and distributed.is_main():
             ckpt = {"epoch": epoch, "model": model.tuned_state_dict(), "optimizer": optimizer.state_dict(),
                     "best_val": best_val, "best_epoch": best_epoch, "best_state": best_state,
                     "history": history, "elapsed": elapsed, "config": _comparable(cfg)}
@@ -288,8 +362,18 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     model.eval()
+    if segmentation:  # val_accuracy: the selected epoch's pixel accuracy; val_miou: its mIoU
+        best = next((h for h in history if h["epoch"] == best_epoch), None)
+        return TrainResult(val_accuracy=best["val_accuracy"] if best else -1.0, best_epoch=best_epoch,
+                           epochs=cfg.epochs, train_seconds=elapsed, history=history, val_miou=best_val)
     return TrainResult(val_accuracy=best_val, best_epoch=best_epoch, epochs=cfg.epochs,
                        train_seconds=elapsed, history=history)
+
+
+def _tuned_buffers(model: Method) -> list[torch.Tensor]:
+    """The method's own buffers (e.g. running statistics of a BatchNorm that trains), never frozen ones."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return [v for k, v in model.tuned_state_dict().items() if k not in parameters]
 
 
 def _comparable(cfg: TrainConfig) -> dict:
