@@ -1,6 +1,7 @@
 """Semantic segmentation: seg-digits (deterministic, exact masks), the folder reader, paired transforms, the FPN
-decoder on every family, refusal by token/calibration/cache methods, mIoU, artifacts, the CLI, and (slow) a
-learning test on the real ImageNet EfficientNet-Lite0."""
+decoder on every family, refusal by token/calibration/cache methods, mIoU, artifacts and the CLI. (No learning
+test yet: on seg-digits neither the decoder-only baseline nor Pro-tuning has learned the digits within the CPU
+budget measured so far — see docs/segmentation.md.)"""
 from __future__ import annotations
 
 import contextlib
@@ -321,34 +322,3 @@ def test_cli_train_eval_predict_mask_out(tmp_path):
     rc, _, err = cli("train", "--backbone", "resnet10t", "--random-init", "--method", "mlp", "--task",
                      "segmentation", "--data", "seg-digits", "--out", tmp_path / "y", "--quiet")
     assert rc == 2 and "does not support segmentation" in err
-
-
-# ------------------------------------------------------------------------------------------ learning
-def _seg_run(backbone, method: str) -> dict:
-    from vistune.run import Job, run_job
-
-    job = Job(backbone="tf_efficientnet_lite0", method=method, data="seg-digits", task="segmentation",
-              image_size=96, train_size=400, val_size=100, test_size=200,
-              train=TrainConfig(epochs=EPOCHS, batch_size=32, lr=0.01, optimizer="adamw", device="cpu"))
-    return run_job(job, backbone=backbone, progress=False)
-
-
-EPOCHS = 20
-
-
-@pytest.mark.slow
-def test_pro_tuning_beats_the_decoder_only_baseline_on_seg_digits():
-    """Real ImageNet EfficientNet-Lite0 (offline package), seg-digits at 96 px, 400 train / 100 val / 200 test,
-    AdamW base lr 0.01 (× 32/256), 20 epochs, val-mIoU selection, one CPU thread.
-    Measured so far: linear (decoder only) test mIoU 0.102 (val 0.101, epoch 4; it predicts almost only
-    background, test pixel accuracy 0.947). Pro-tuning: NOT YET MEASURED — thresholds come after measuring."""
-    pytest.skip("pro-tuning figure not measured yet; thresholds must come from a measurement")
-    from vistune.backbones import load_backbone
-
-    backbone = load_backbone("tf_efficientnet_lite0")
-    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    linear = _seg_run(backbone, "linear")
-    pro = _seg_run(backbone, "pro-tuning")
-    assert pro["test_miou"] >= PRO_MIN and pro["test_miou"] >= linear["test_miou"] + MARGIN
-    assert linear["test_miou"] <= LINEAR_MAX
-    assert all(torch.equal(v, before[k]) for k, v in backbone.model.state_dict().items())
