@@ -26,23 +26,7 @@ import time
 
 import torch
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timeit(fn, device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _timing import sync, timeit  # benchmarks/_timing.py (the script's own folder)
 
 
 def _timeit_interleaved(fns: dict, device, steps: int, warmup: int) -> dict[str, float]:
@@ -54,10 +38,10 @@ def _timeit_interleaved(fns: dict, device, steps: int, warmup: int) -> dict[str,
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
         for key, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -88,7 +72,7 @@ def measure(args) -> dict:
     row = {"config": args.config}
     if args.config == "bare":
         with torch.no_grad(), amp:
-            row["infer_bare_ms"] = 1000 * _timeit(lambda: bare(x), device, args.steps, args.warmup)
+            row["infer_bare_ms"] = 1000 * timeit(lambda: bare(x), device, args.steps, args.warmup)
         row.update(tuned_params=0, peak_mb=_peak_mb(device))
         return row
     name, _, opts = args.config.partition(":")
@@ -105,7 +89,7 @@ def measure(args) -> dict:
         opt.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row["train_step_ms"] = 1000 * _timeit(step, device, args.steps, args.warmup)
+    row["train_step_ms"] = 1000 * timeit(step, device, args.steps, args.warmup)
     row["peak_mb"] = _peak_mb(device)
     row["tuned_params"] = count_parameters(model)["tuned_params"]
     model.eval()

@@ -29,30 +29,12 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timeit(fn, device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _timing import timeit  # benchmarks/_timing.py (the script's own folder)
 
 
 def measure(args) -> dict:
@@ -84,12 +66,12 @@ def measure(args) -> dict:
                 with amp:
                     out = backbone.forward_features(xi)
                 out.float().sum().backward()
-            row["train_step_ms"] = 1000 * _timeit(step, device, args.steps, args.warmup)
+            row["train_step_ms"] = 1000 * timeit(step, device, args.steps, args.warmup)
         else:
             with torch.no_grad(), amp:
-                row["infer_ms"] = 1000 * _timeit(lambda: backbone.forward_features(x), device, args.steps,
+                row["infer_ms"] = 1000 * timeit(lambda: backbone.forward_features(x), device, args.steps,
                                                  args.warmup)
-                row["infer1_ms"] = 1000 * _timeit(lambda: backbone.forward_features(x[:1]), device, args.steps,
+                row["infer1_ms"] = 1000 * timeit(lambda: backbone.forward_features(x[:1]), device, args.steps,
                                                   args.warmup)
         row["tuned_params"] = 0
     else:
@@ -109,14 +91,14 @@ def measure(args) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        row["train_step_ms"] = 1000 * _timeit(step, device, args.steps, args.warmup)
+        row["train_step_ms"] = 1000 * timeit(step, device, args.steps, args.warmup)
         peak_train = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         model.eval()
         if mode == "deploy":
             model.deploy = True
         with torch.no_grad(), amp:
-            row["infer_ms"] = 1000 * _timeit(lambda: model(x), device, args.steps, args.warmup)
-            row["infer1_ms"] = 1000 * _timeit(lambda: model(x[:1]), device, args.steps, args.warmup)
+            row["infer_ms"] = 1000 * timeit(lambda: model(x), device, args.steps, args.warmup)
+            row["infer1_ms"] = 1000 * timeit(lambda: model(x[:1]), device, args.steps, args.warmup)
         row["tuned_params"] = count_parameters(model)["tuned_params"]
         if peak_train is not None:
             row["peak_mb"] = peak_train
