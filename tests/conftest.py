@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -57,3 +59,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tinted_class_folder(root, n_train: int, n_test: int, seed: int, size: int = IMAGE_SIZE):
+    """root/{train,test}/class{0,1,2}/<i>.png: noisy images whose class tints one colour channel."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 160, (size, size, 3)).astype(np.uint8)
+                a[..., c] += 90
+                Image.fromarray(a).save(d / f"{i}.png")
+    return root

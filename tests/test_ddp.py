@@ -22,10 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import IMAGE_SIZE, TINY, tiny_backbone
+from conftest import IMAGE_SIZE, TINY, tiny_backbone, tinted_class_folder
 from vistune.artifacts import TENSORS
 from vistune.run import METRICS, Job, read_metrics, run_job
 from vistune.training import TrainConfig
@@ -41,17 +40,7 @@ INTERRUPT_AT_EPOCH = 2  # 0-based: epochs 1-2 are done and checkpointed
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """3 classes × 8 train (19 train / 5 val after the split: uneven over 2 processes) and 4 test images."""
-    root = tmp_path_factory.mktemp("ddp-data")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 8), ("test", 4)):
-        for c in range(3):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = rng.integers(0, 160, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
-                a[..., c] += 90
-                Image.fromarray(a).save(d / f"{i}.png")
-    return root
+    return tinted_class_folder(tmp_path_factory.mktemp("ddp-data"), 8, 4, seed=1)
 
 
 def make_job(method: str, options: dict, data: Path, out: Path) -> Job:

@@ -2,13 +2,11 @@
 exactly what the uncached path trains, epoch by epoch; and it is used only where that holds."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vistune.training.trainer as trainer_mod
-from conftest import IMAGE_SIZE, TINY
+from conftest import IMAGE_SIZE, TINY, tinted_class_folder
 from vistune.run import Job, run_job
 from vistune.training import TrainConfig
 
@@ -21,17 +19,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """3 classes × 10 train / 4 test noisy images; a class tints one colour channel."""
-    root = tmp_path_factory.mktemp("cache-data")
-    rng = np.random.default_rng(2)
-    for split, n in (("train", 10), ("test", 4)):
-        for c in range(3):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = rng.integers(0, 170, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
-                a[..., c] += 80
-                Image.fromarray(a).save(d / f"{i}.png")
-    return root
+    return tinted_class_folder(tmp_path_factory.mktemp("cache-data"), 10, 4, seed=2)
 
 
 @pytest.fixture

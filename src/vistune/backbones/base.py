@@ -28,6 +28,12 @@ class BackboneSpec:
         return asdict(self)
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted, as in ``named_modules``) of ``root`` was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, new)
+
+
 class BackboneView(nn.Module, abc.ABC):
     """A frozen timm model seen through the interface every method uses.
 

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Method, MethodConfig, option, register
 
@@ -75,10 +76,8 @@ class Adapter(Method):
             blocks = backbone.blocks()
             names = backbone.module_names(blocks)
             for name, dim in zip(names, backbone.out_channels(blocks)):
-                parent_name, _, child = name.rpartition(".")
-                parent = backbone.model.get_submodule(parent_name)
-                wrapped = AdaptedOutput(getattr(parent, child), Bottleneck(dim, config.reduction, config.init, True))
-                setattr(parent, child, wrapped)
+                bottleneck = Bottleneck(dim, config.reduction, config.init, True)
+                replace_module(backbone.model, name, AdaptedOutput(backbone.model.get_submodule(name), bottleneck))
         else:
             for block in backbone.blocks():
                 dim = block.mlp.fc2.out_features

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Method, MethodConfig, option
 
@@ -123,11 +124,6 @@ def parse_targets(spec: str, family: str) -> set[str]:
     return roles
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def resolve_targets(backbone, spec: str) -> dict[str, str]:
     """Module names to adapt in ``backbone.model`` → their role; splits fused qkv Linears when needed.
 
@@ -154,7 +150,7 @@ def resolve_targets(backbone, spec: str) -> dict[str, str]:
             qkv_name = backbone.module_names([qkv])[0]
             wanted = [r for r in QKV if r in roles]
             if wanted:
-                _replace(model, qkv_name, SplitQKV(qkv))
+                replace_module(model, qkv_name, SplitQKV(qkv))
                 found.update({f"{qkv_name}.{r}": r for r in wanted})
             for role, module in (("proj", attn.proj), ("fc1", mlp.fc1), ("fc2", mlp.fc2)):
                 if role in roles:

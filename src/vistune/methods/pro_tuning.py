@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Method, MethodConfig, option, register
 
@@ -113,13 +114,11 @@ class ProTuning(Method):
         names = backbone.module_names(points)
         model = backbone.model
         for i in chosen:
-            parent_name, _, child = names[i].rpartition(".")
-            parent = model.get_submodule(parent_name)
             block = PromptBlock(dims[i], config.reduction, config.kernel_size)
             extra = {}
             if layout == "tokens":
                 extra = dict(num_prefix_tokens=backbone.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
-            setattr(parent, child, Prompted(getattr(parent, child), block, layout, **extra))
+            replace_module(model, names[i], Prompted(model.get_submodule(names[i]), block, layout, **extra))
         self.prompt_points = chosen
         self.head = self.make_linear_head()
 

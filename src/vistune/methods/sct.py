@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones import BackboneView
+from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Method, MethodConfig, option, register
 
@@ -389,9 +390,7 @@ class SCT(Method):
                 wrappers.append((name, SCTBlock(block, sct, config.placement, name)))  # checks the type
                 modules.append(sct)
         for name, wrapper in wrappers:  # only after every layer passed the checks
-            parent_name, _, child = name.rpartition(".")
-            parent = backbone.model.get_submodule(parent_name) if parent_name else backbone.model
-            setattr(parent, child, wrapper)
+            replace_module(backbone.model, name, wrapper)
         self.sct = nn.ModuleList(modules)
         self.head = self.make_linear_head()
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Method, MethodConfig, option, register
 
@@ -91,7 +92,5 @@ class SSF(Method):
             raise VistuneError(f"backbone {backbone.spec.name!r} has no op with a bias or norm layer for SSF",
                                "use another method (e.g. lora)")
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ScaleShift(getattr(parent, child), config.init))
+            replace_module(model, name, ScaleShift(model.get_submodule(name), config.init))
         self.head = self.make_linear_head()
