@@ -16,40 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
-from _timing import sync, timeit  # benchmarks/_timing.py (the script's own folder)
-
-
-def _timeit_interleaved(fns: dict, device, steps: int, warmup: int) -> dict[str, float]:
-    """Median times of several functions measured in turns, so that load from other processes on a
-    shared machine hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(steps):
-        for key, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _harness import autocast, method_config, peak_mb, run_configs, sgd_step, timeit, timeit_interleaved
 
 
 def measure(args) -> dict:
@@ -64,8 +35,7 @@ def measure(args) -> dict:
     backbone = load_backbone(args.backbone, random_init=args.random_init, model_kwargs=kwargs)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    amp = autocast(device)
     bare = copy.deepcopy(backbone.model)
     bare.reset_classifier(10)
     bare = bare.to(device).eval()
@@ -73,24 +43,14 @@ def measure(args) -> dict:
     if args.config == "bare":
         with torch.no_grad(), amp:
             row["infer_bare_ms"] = 1000 * timeit(lambda: bare(x), device, args.steps, args.warmup)
-        row.update(tuned_params=0, peak_mb=_peak_mb(device))
+        row.update(tuned_params=0, peak_mb=peak_mb(device))
         return row
-    name, _, opts = args.config.partition(":")
-    sets = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+    name, sets = method_config(args.config)
     model = adapt(backbone, make_config(name, sets), 10).to(device)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-    def step():
-        model.train()
-        with amp:
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row["train_step_ms"] = 1000 * timeit(step, device, args.steps, args.warmup)
-    row["peak_mb"] = _peak_mb(device)
+    row["train_step_ms"] = 1000 * timeit(sgd_step(model, x, y, device), device, args.steps, args.warmup)
+    row["peak_mb"] = peak_mb(device)
     row["tuned_params"] = count_parameters(model)["tuned_params"]
     model.eval()
     with torch.no_grad(), amp:
@@ -102,7 +62,7 @@ def measure(args) -> dict:
         else:
             fns["merged"] = lambda: merged(x)
             row["max_abs_diff"] = float((merged(x).float() - model(x).float()).abs().max())
-        for key, seconds in _timeit_interleaved(fns, device, args.steps, args.warmup).items():
+        for key, seconds in timeit_interleaved(fns, device, args.steps, args.warmup).items():
             row[f"infer_{key}_ms"] = 1000 * seconds
     return row
 
@@ -127,16 +87,7 @@ def main():
     if args.config:
         print(json.dumps(measure(args)))
         return
-    rows = []
-    for config in ["bare"] + args.methods.split(","):
-        cmd = [sys.executable, __file__, "--config", config] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if out.returncode != 0:
-            print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"measured {config}", file=sys.stderr)
-    _print_table(rows, args)
+    _print_table(run_configs(__file__, ["bare"] + args.methods.split(",")), args)
 
 
 def _print_table(rows, args):

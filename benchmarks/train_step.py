@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
-import subprocess
-import sys
 
 import torch
 
-from _timing import timeit  # benchmarks/_timing.py (the script's own folder)
+from _harness import autocast, method_config, peak_mb, run_configs, sgd_step, split_methods, timeit
 
 
 def measure(args) -> dict:
@@ -53,8 +49,7 @@ def measure(args) -> dict:
 
         y = torch.randint(0, 10, (args.batch_size, args.image_size, args.image_size), device=device)
         backbone.forward_features = lambda xb: sum(f.float().mean() for f in dense_features(backbone, xb))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    amp = autocast(device)
     row = {"config": args.config}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -75,24 +70,14 @@ def measure(args) -> dict:
                                                   args.warmup)
         row["tuned_params"] = 0
     else:
-        method, _, opts = args.config.partition(":")
+        method, sets = method_config(args.config)
         name, _, mode = method.partition("@")
-        sets = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
         config = make_config(name, sets)
         if getattr(config, "image_size", "absent") is None:
             config.image_size = args.image_size
         model = adapt(backbone, config, 10, task=args.task).to(device)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-        def step():
-            model.train()
-            with amp:
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        row["train_step_ms"] = 1000 * timeit(step, device, args.steps, args.warmup)
-        peak_train = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        row["train_step_ms"] = 1000 * timeit(sgd_step(model, x, y, device), device, args.steps, args.warmup)
+        peak_train = peak_mb(device) if device.type == "cuda" else None
         model.eval()
         if mode == "deploy":
             model.deploy = True
@@ -103,8 +88,7 @@ def measure(args) -> dict:
         if peak_train is not None:
             row["peak_mb"] = peak_train
     if "peak_mb" not in row:
-        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        row["peak_mb"] = peak_mb(device)
     return row
 
 
@@ -129,29 +113,7 @@ def main():
     if args.config:
         print(json.dumps(measure(args)))
         return
-    configs = ["frozen-floor", "infer-bare"] + _split_methods(args.methods)
-    rows = []
-    for config in configs:
-        cmd = [sys.executable, __file__, "--config", config] + [
-            a for a in sys.argv[1:] if not a.startswith("--config")]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if out.returncode != 0:
-            print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"measured {config}", file=sys.stderr)
-    _print_table(rows, args)
-
-
-def _split_methods(text: str) -> list[str]:
-    """'a,b:k=1,k2=2,c' → ['a', 'b:k=1,k2=2', 'c'] (a key=value continues the previous method)."""
-    out: list[str] = []
-    for part in text.split(","):
-        if "=" in part and ":" not in part and out:
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return out
+    _print_table(run_configs(__file__, ["frozen-floor", "infer-bare"] + split_methods(args.methods)), args)
 
 
 def _print_table(rows, args):

@@ -155,6 +155,18 @@ def test_peft_export_loads_into_stock_timm_with_peft(tiny_backbones, tmp_path, n
         assert torch.allclose(loaded(X), model(X), atol=1e-5)
 
 
+def test_peft_export_replaces_only_a_previous_export(tiny_backbones, tmp_path):
+    model = _adapted(tiny_backbones("vit"), "lora")
+    out = export_peft(model, tmp_path / "peft")
+    first = {p.name for p in out.iterdir()}
+    assert export_peft(model, out) == out and {p.name for p in out.iterdir()} == first  # re-export: replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(VistuneError, match="not a peft export"):
+        export_peft(model, out)
+    assert (out / "notes.txt").read_text() == "mine" and first <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["peft"]  # no staging folder left behind
+
+
 def test_peft_export_refuses_non_peft_methods(tiny_backbones, tmp_path):
     with pytest.raises(VistuneError, match="not a peft method"):
         export_peft(adapt(tiny_backbones("vit"), make_config("ssf"), 3), tmp_path / "x")

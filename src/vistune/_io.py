@@ -1,11 +1,13 @@
-"""Atomic file writes: a crash mid-write leaves the previous file(s) intact."""
+"""Atomic writes: a crash mid-write leaves the previous file(s) or folder intact."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 Writer = Callable[[str], None]
@@ -40,6 +42,34 @@ def atomic_write_group(items: Sequence[tuple[str | os.PathLike, Writer]]) -> Non
 def atomic_write(path: str | os.PathLike, write: Writer) -> None:
     """Call ``write(tmp_path)`` then move the result over ``path`` in one rename."""
     atomic_write_group([(path, write)])
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; when the block succeeds it becomes ``path``.
+
+    On failure the staging folder is removed and ``path`` is untouched. An existing ``path`` is moved
+    aside, replaced, and deleted only once the new folder is in place (callers decide whether it may
+    be replaced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+        old = path.parent / f".{staging.name}.old" if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def json_writer(obj) -> Writer:

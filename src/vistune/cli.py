@@ -147,20 +147,13 @@ def _load_for_inference(args):
 
 
 def cmd_eval(args) -> int:
-    from .data import load_data
-    from .run import transforms_for
+    from .run import data_for_task
     from .training import evaluate
 
     model, meta, device = _load_for_inference(args)
     segmentation = meta.get("task") == "segmentation"
-    if segmentation:
-        from .data.segmentation import load_segmentation_data, seg_transforms
-
-        _, eval_tf = seg_transforms(meta["preprocessing"])
-        load = load_segmentation_data
-    else:
-        _, eval_tf = transforms_for(meta["preprocessing"])
-        load = load_data
+    make_transforms, load = data_for_task(meta.get("task", "classification"))
+    _, eval_tf = make_transforms(meta["preprocessing"])
     # redraw the splits exactly as training did (seed, subset sizes), so --split val is the run's val set
     splits = {k: v for k, v in meta.get("data", {}).items() if k != "spec"}
     data = load(args.data, train_transform=eval_tf, eval_transform=eval_tf, **splits)

@@ -24,8 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,12 +31,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ._io import atomic_write
+from ._io import atomic_dir, atomic_write
 from .errors import VistuneError
 from .methods import Method
 from .methods.peft_common import ADAPTER_NAME, QKV, FusedSlice, PeftMethod, SplitQKV, exact_names, require_peft
 from .methods.ssf import ScaleShift
 
+PEFT_EXPORT_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}  # save_pretrained writes
 FOLDABLE = (FusedSlice, SplitQKV, ScaleShift)  # vistune's wrappers that know their merged form
 
 
@@ -209,14 +208,11 @@ def export_peft(model: Method, out_dir: str | os.PathLike) -> Path:
         for name, parts in groups.items():
             _copy_fused(target_root.get_submodule(name), parts, model.backbone.model.get_submodule(name).fused)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in PEFT_EXPORT_FILES) if out.is_dir() else []
+    if foreign or (out.exists() and not out.is_dir()):
+        raise VistuneError(f"--peft {out}: exists and holds files that are not a peft export "
+                           f"({', '.join(foreign[:5]) or 'it is a file'})",
+                           "choose a new folder: an export replaces only a previous export")
+    with atomic_dir(out) as staging:
         exported.save_pretrained(str(staging))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out

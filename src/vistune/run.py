@@ -19,6 +19,7 @@ from ._io import atomic_write_json
 from .artifacts import artifact_bytes, save_artifact
 from .backbones import BackboneView, load_backbone
 from .data import DataSplits, build_transforms, load_data
+from .data.segmentation import SEG_BUILTINS, is_segmentation_data, load_segmentation_data, seg_transforms
 from .errors import VistuneError
 from .methods import adapt, count_parameters, make_config
 from .training import TrainConfig, distributed, evaluate, train
@@ -46,6 +47,13 @@ class Job:
     protocol: str = "train-val"
     train: TrainConfig = field(default_factory=TrainConfig)
     task: str = "classification"  # or "segmentation": FPN decoder head, image/mask data, mIoU
+
+
+def data_for_task(task: str):
+    """(transforms builder, data loader) of a task: images + labels, or images + masks."""
+    if task == "segmentation":
+        return seg_transforms, load_segmentation_data
+    return transforms_for, load_data
 
 
 def preprocessing_for(backbone: BackboneView, job: Job) -> dict:
@@ -104,26 +112,13 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
                                  model_kwargs=job.model_kwargs)
     prep = preprocessing_for(backbone, job)
     segmentation = job.task == "segmentation"
-    if segmentation:
-        from .data.segmentation import seg_transforms
-
-        make_transforms = seg_transforms
-    else:
-        make_transforms = transforms_for
+    make_transforms, load = data_for_task(job.task)
     if data is None:
+        if not segmentation and is_segmentation_data(job.data):
+            raise VistuneError(f"{job.data!r} is a segmentation data set ({', '.join(SEG_BUILTINS)})",
+                               "add --task segmentation")
         train_tf, eval_tf = make_transforms(prep)
-        if segmentation:
-            from .data.segmentation import load_segmentation_data
-
-            data = load_segmentation_data(job.data, train_transform=train_tf, eval_transform=eval_tf,
-                                          **split_settings(job))
-        else:
-            from .data.segmentation import SEG_BUILTINS, is_segmentation_data
-
-            if is_segmentation_data(job.data):
-                raise VistuneError(f"{job.data!r} is a segmentation data set ({', '.join(SEG_BUILTINS)})",
-                                   "add --task segmentation")
-            data = load_data(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
+        data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
     if getattr(config, "image_size", "absent") is None:  # methods that size parameters by the input
         config.image_size = prep["image_size"]
     torch.manual_seed(job.train.seed)  # the method's own initialisation

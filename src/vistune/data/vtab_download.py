@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .._io import atomic_write_json, sha256_file
+from .._io import atomic_dir, atomic_write_json, sha256_file
 from ..errors import VistuneError, suggest
 from .datasets import LIST_FILES
 
@@ -153,9 +151,7 @@ def write_task(folder: str | os.PathLike, examples: dict[str, Iterable[tuple[np.
     folder = Path(folder)
     if folder.exists():
         raise VistuneError(f"{folder} already exists", "choose another --out folder or remove that task folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as staging:
         lines: dict[str, list[str]] = {}
         for split in SPLITS:
             (staging / "images" / split).mkdir(parents=True)
@@ -179,10 +175,6 @@ def write_task(folder: str | os.PathLike, examples: dict[str, Iterable[tuple[np.
                     "counts": {split: len(lines[split]) for split in SPLITS},
                     "sha256": {rel: sha256_file(staging / rel) for rel in files}}
         atomic_write_json(staging / MANIFEST, manifest)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -19,6 +19,7 @@ Depthwise convs are never targeted: peft's LoRA cannot merge grouped convs.
 """
 from __future__ import annotations
 
+import abc
 import re
 import warnings
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class PeftMethodConfig(MethodConfig):
                                   "fc1 fc2 mlp all-linear; CNN: conv pointwise linear dense); auto = the method's")
 
 
-class PeftMethod(Method):
+class PeftMethod(Method, abc.ABC):
     """A frozen backbone with peft layers injected into the method's copy, and a linear head."""
 
     default_targets = {"vit": "qv", "swin": "qv", "cnn": "dense"}
@@ -196,7 +197,7 @@ class PeftMethod(Method):
         spec = self.default_targets[backbone.family] if config.targets == "auto" else config.targets
         return resolve_targets(backbone, spec)
 
+    @abc.abstractmethod
     def peft_config(self, targets: dict[str, str]):
         """The peft config that adapts exactly ``targets``."""
-        raise NotImplementedError
 

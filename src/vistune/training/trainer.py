@@ -28,6 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .._io import atomic_write
+from ..data.segmentation import IGNORE_INDEX, confusion_matrix, scores_from_confusion
 from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
 from . import distributed
@@ -194,6 +195,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
     gets the accuracy of the whole dataset (and selects the same epoch)."""
     device = torch.device(device)
     model.eval()
+    segmentation = getattr(model, "task", "classification") == "segmentation"
     if distributed.active():
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -203,9 +205,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
             logits = model(x)
-        if logits.ndim == 4:
-            from ..data.segmentation import IGNORE_INDEX, confusion_matrix
-
+        if segmentation:
             loss_sum += nn.functional.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX,
                                                     reduction="sum").item()
             c = confusion_matrix(logits.argmax(1), y, logits.shape[1])
@@ -215,7 +215,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)
-    if conf is not None or (distributed.active() and getattr(model, "task", None) == "segmentation"):
+    if segmentation:
         return _segmentation_scores(model, conf, images, loss_sum, device)
     correct, total, loss_sum = distributed.sum_across([correct, total, loss_sum], device)
     correct, total = int(correct), int(total)
@@ -224,8 +224,6 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
 
 def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> dict:
     """Sum the confusion matrix, loss and counts over processes (all-reduce), then mIoU / pixel accuracy."""
-    from ..data.segmentation import scores_from_confusion
-
     k = conf.shape[0] if conf is not None else model.num_classes  # a process that got no items
     flat = conf.flatten().tolist() if conf is not None else [0] * (k * k)
     summed = distributed.sum_across([*flat, float(images), loss_sum], device)
@@ -299,7 +297,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"train {model.info.name}", disable=None if progress else True, unit="step", dynamic_ncols=True)
     # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=255 if segmentation else -100)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX if segmentation else -100)
     select_on = "miou" if segmentation else "accuracy"  # segmentation selects on val mIoU
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -362,12 +360,10 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     model.eval()
-    if segmentation:  # val_accuracy: the selected epoch's pixel accuracy; val_miou: its mIoU
-        best = next((h for h in history if h["epoch"] == best_epoch), None)
-        return TrainResult(val_accuracy=best["val_accuracy"] if best else -1.0, best_epoch=best_epoch,
-                           epochs=cfg.epochs, train_seconds=elapsed, history=history, val_miou=best_val)
-    return TrainResult(val_accuracy=best_val, best_epoch=best_epoch, epochs=cfg.epochs,
-                       train_seconds=elapsed, history=history)
+    # the selected epoch's val scores (segmentation: selected on mIoU; its accuracy is the pixel accuracy)
+    best = next((h for h in history if h["epoch"] == best_epoch), {})
+    return TrainResult(val_accuracy=best.get("val_accuracy", best_val), best_epoch=best_epoch, epochs=cfg.epochs,
+                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"))
 
 
 def _tuned_buffers(model: Method) -> list[torch.Tensor]:
