@@ -7,70 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
-import torch
+# the timing, precision, memory and training-step pieces are those of `vistune bench`'s efficiency protocol
+from vistune.bench.efficiency import autocast, sgd_step, timeit, timeit_interleaved
+from vistune.bench.efficiency import peak_memory_mb as peak_mb
 
-
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work, so wall time covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn, device: torch.device, steps: int, warmup: int) -> float:
-    """Median seconds of ``fn()`` over ``steps`` calls after ``warmup`` calls."""
-    return timeit_interleaved({"fn": fn}, device, steps, warmup)["fn"]
-
-
-def timeit_interleaved(fns: dict, device: torch.device, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds of several functions measured in turns, so that load from other processes on a
-    shared machine hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(steps):
-        for key, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, plain fp32 on CPU (where bf16 is slower), as the trainer does."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def peak_mb(device: torch.device) -> float:
-    """CUDA max allocated on a GPU; the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sgd_step(model, x: torch.Tensor, y: torch.Tensor, device: torch.device):
-    """One training step of ``model`` (forward, cross-entropy, backward, SGD momentum step), as a closure."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-    def step():
-        model.train()
-        with autocast(device):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+__all__ = ["autocast", "peak_mb", "sgd_step", "timeit", "timeit_interleaved", "split_methods", "method_config",
+           "run_configs"]
 
 
 def split_methods(text: str) -> list[str]:

@@ -86,14 +86,14 @@ class Counting:
 def _bench(suite, backbone, out, monkeypatch, runner=None):
     runner = runner or Counting()
     monkeypatch.setattr(sweep_mod, "run_job", runner)
-    summary = run_bench(suite, METHODS, backbone, out, device="cpu", progress=False)
+    summary = run_bench(suite, METHODS, backbone, out, device="cpu", progress=False, efficiency=False)
     return summary, runner
 
 
-def _rows(out: Path) -> list[dict]:
+def _rows(out: Path, table: str = "runs") -> list[dict]:
     db = sqlite3.connect(out / "results.sqlite")
     db.row_factory = sqlite3.Row
-    rows = [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY id")]
+    rows = [dict(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY id")]
     db.close()
     return rows
 
@@ -254,8 +254,19 @@ data = "{image_folder}"
     assert sorted(r["phase"] for r in rows) == ["final", "select", "select"]
     assert {r["lr"] for r in rows if r["phase"] == "select"} == {0.5, 1.0}  # --lr-grid beats the suite's
     assert all(r["task_group"] == "Specialized" and r["backbone"] == "resnet10t" for r in rows)
-    assert "| **linear** |" in (out / "report.md").read_text()
-    assert main(argv) == 0 and len(_rows(out)) == 3  # resumed: nothing new
+    text = (out / "report.md").read_text()
+    assert "| **linear** |" in text
+    # the efficiency table: measured once per method after the runs, in a fresh process
+    eff = _rows(out, "efficiency")
+    assert len(eff) == 1 and eff[0]["method"] == "linear" and eff[0]["backbone"] == "resnet10t"
+    e = json.loads(eff[0]["result"])
+    assert e["device"] == "cpu" and e["batch_size"] == 8 and e["image_size"] == 32 and e["process"] == "fresh"
+    assert e["train_images_per_s"] > 0 and e["latency_b1_ms"] > 0 and e["peak_memory_mb"] > 0
+    assert e["tuned_params"] == rows[0]["tuned_params"]  # the same model as the runs: backbone frozen, same head
+    assert "## Efficiency" in text and "| **linear** | `resnet10t` | cpu | 1.5k |" in text
+    assert main(argv) == 0 and len(_rows(out)) == 3 and len(_rows(out, "efficiency")) == 1  # resumed: nothing new
+    assert main(argv[:-1] + ["--no-efficiency", "--quiet", "--out", str(tmp_path / "b2")]) == 0
+    assert _rows(tmp_path / "b2", "efficiency") == [] and "_not measured" in (tmp_path / "b2" / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------- suites
@@ -339,3 +350,60 @@ def test_total_params_follows_vpt_definition():
     assert s["full"]["total_params"] == pytest.approx(24 * (B + 76_900) / B)  # ≈ 24.02×
     assert s["linear"]["total_params"] == pytest.approx((B + 24 * 76_900) / B)  # ≈ 1.02×
     assert round(s["full"]["total_params"], 2) == 24.02 and round(s["linear"]["total_params"], 2) == 1.02
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray instance on this machine (2 CPUs) for the module's tests; Ray's local_mode no longer exists."""
+    ray = pytest.importorskip("ray", reason="pip install 'vistune[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_sweep_on_ray_equals_the_in_process_sweep_and_resumes(local_ray, image_folder, tiny_backbones, tmp_path,
+                                                              monkeypatch):
+    backbone = tiny_backbones("vit")
+    local, _ = _bench(_suite(image_folder), backbone, tmp_path / "local", monkeypatch)
+    monkeypatch.undo()
+    # a bench killed after some selection runs, continued on Ray
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _bench(_suite(image_folder), backbone, tmp_path / "ray", monkeypatch, Counting(fail_after=3))
+    monkeypatch.undo()
+    summary = run_bench(_suite(image_folder), METHODS, backbone, tmp_path / "ray", device="cpu", progress=False,
+                        executor="ray", efficiency=False)
+    assert summary["executed"] == N_SELECT + N_FINAL - 3 and summary["already_stored"] == 3
+    on_ray, in_process = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert len(on_ray) == len({r["run_key"] for r in on_ray}) == N_SELECT + N_FINAL
+    # the same runs with the same results: seeded runs are deterministic across processes
+    by_key = {r["run_key"]: r for r in in_process}
+    for r in on_ray:
+        twin = by_key[r["run_key"]]
+        assert r["status"] == twin["status"]
+        assert r["val_accuracy"] == pytest.approx(twin["val_accuracy"], abs=1e-6)
+        assert r["test_accuracy"] == twin["test_accuracy"] or r["test_accuracy"] == pytest.approx(
+            twin["test_accuracy"], abs=1e-6)
+        if r["phase"] == "final":  # written by a Ray worker into the bench folder
+            assert (tmp_path / "ray" / r["artifact_dir"] / "adapter.safetensors").is_file()
+    assert "| **bias** |" in (tmp_path / "ray" / "report.md").read_text()
+    # nothing is left to run, on either executor
+    assert run_bench(_suite(image_folder), METHODS, backbone, tmp_path / "ray", device="cpu", progress=False,
+                     executor="ray", efficiency=False)["executed"] == 0
+
+
+def test_ray_executor_without_ray_says_how_to_install(image_folder, tiny_backbones, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(VistuneError, match=r"vistune\[ray\]"):
+        run_bench(_suite(image_folder), METHODS, tiny_backbones("vit"), tmp_path / "b", device="cpu",
+                  progress=False, executor="ray")
+    assert not (tmp_path / "b" / "results.sqlite").exists()

@@ -479,6 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method option (adapter.reduction=8) or per-method epochs/batch_size/optimizer/"
                         "warmup_epochs/lr_grid/wd_grid (linear.epochs=30); repeatable")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: runs one after another in this process; ray: in parallel on Ray "
+                        "(pip install 'vistune[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="existing Ray cluster (auto, ray://host:10001); default: start one on this machine")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, metavar="N", help="Ray: CPUs reserved per run")
+    p.add_argument("--gpus-per-run", type=float, metavar="N",
+                   help="Ray: GPUs reserved per run (default: 1 when the runs use CUDA, else 0; 0.5 packs two)")
+    p.add_argument("--no-efficiency", action="store_true",
+                   help="skip the per-method efficiency measurement (train img/s, peak memory, latency b1/bN) "
+                        "that follows the runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
     p.set_defaults(func=_cmd_bench)
 

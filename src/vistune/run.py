@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,9 +76,18 @@ def split_settings(job: Job) -> dict:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU; on a CPU the peak resident memory of this process (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-wide peak
+    # Linux: not ru_maxrss, which a child process inherits from its parent (the kernel keeps the larger of
+    # the two across fork and exec), so a child would report at least its parent's peak; VmHWM is the
+    # high-water mark of this process's own address space, which starts afresh at exec
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        kib = 1 / 1024 if sys.platform == "darwin" else 1  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024
 
 
 def check_out_dir(out: Path, resume: bool) -> None:

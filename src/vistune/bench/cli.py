@@ -39,7 +39,10 @@ def cmd_bench(args) -> int:
             seeds=_numbers(args.seeds, "--seeds", int, "42,44,82"), tasks=_names(args.tasks), device=args.device,
             image_size=args.image_size, batch_size=args.batch_size, test_size=args.test_size, sets=args.set,
             checkpoint=args.checkpoint, random_init=args.random_init, progress=not args.quiet, console=console,
-            command=command_line(),
+            command=command_line(), executor=args.executor,
+            ray_options={"address": args.ray_address, "cpus_per_run": args.cpus_per_run,
+                         "gpus_per_run": args.gpus_per_run},
+            efficiency=not args.no_efficiency,
         )
     except KeyboardInterrupt:
         print(f"interrupted: finished runs are stored in {args.out}/results.sqlite; run the same command "

@@ -90,8 +90,11 @@ def collect(out: str | Path) -> dict:
                 "rows": list(sel_rows.values()) + finals,
             }
         meta_rows = [r for res in results.values() for r in res["rows"]]
+        efficiency = [json.loads(r["result"]) | {"method": r["method"], "backbone": r["backbone"]}
+                      for r in store.db.execute("SELECT * FROM efficiency ORDER BY id")
+                      if r["method"] in plan["methods"] and r["backbone"] == plan["backbone"]["name"]]
     return {"plan": plan, "commands": commands, "results": results, "done": done, "planned": planned,
-            "rows": meta_rows}
+            "rows": meta_rows, "efficiency": efficiency}
 
 
 def _groups(tasks: list[dict]) -> list[str]:
@@ -339,6 +342,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
     out += ["Peak memory: peak GPU memory on CUDA; on CPU the process's peak resident memory (it includes the "
             "decoded data kept for the whole bench).", ""]
 
+    out += _efficiency_section(data)
     out += ["## Per-seed test top-1 (%)", ""]
     rows_seed = []
     for m in methods:
@@ -354,6 +358,44 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
             "_no final runs yet_", ""]
     out += [f"Every run (selection and final) is a row of `{STORE}` with its full configuration.", ""]
     return "\n".join(out)
+
+
+def _efficiency_section(data: dict) -> list[str]:
+    """Training speed, peak memory, inference latency (one protocol for every method) and artifact bytes."""
+    measured = data.get("efficiency") or []
+    if not measured:
+        return ["## Efficiency", "", "_not measured (the bench ran with --no-efficiency, or has not finished "
+                "a run of any method yet)_", ""]
+    methods = data["plan"]["methods"]
+    measured = sorted(measured, key=lambda e: (methods.index(e["method"]), e["device"]))
+    rows = []
+    for e in measured:
+        arts = [res["artifact_bytes"] for (_, m), res in data["results"].items()
+                if m == e["method"] and res["artifact_bytes"] is not None]
+        rows.append([f"**{e['method']}**", f"`{e['backbone']}`", e["device"], _params(e["tuned_params"]),
+                     f"{e['train_images_per_s']:,.1f}", f"{e['peak_memory_mb']:,.0f} MB",
+                     f"{e['latency_b1_ms']:.2f}", f"{e['latency_bn_ms']:.1f}",
+                     f"{statistics.fmean(arts) / 1024:,.0f} KiB" if arts else "–"])
+    first = measured[0]
+    kinds = sorted({e["peak_memory_kind"] for e in measured})
+    batch = first["batch_size"]
+    return [
+        "## Efficiency", "",
+        _table(["Method", "Backbone", "Device", "Tuned params", f"Train img/s (batch {batch})", "Peak memory",
+                "Latency b1 (ms)", f"Latency b{batch} (ms)", "Artifact per task"], rows, ["l"] * 3 + ["r"] * 6),
+        "",
+        f"One protocol for every method (`vistune.bench.efficiency`): the adapted model as training builds it, "
+        f"{first['image_size']} px seeded random images; train img/s from the median of {first['steps']} "
+        f"SGD-momentum steps (forward, loss, backward, update) after {first['warmup']} warm-up steps, with the "
+        "trainer's precision (bf16 autocast on CUDA, fp32 on CPU); latency: the median eval-mode forward without "
+        "gradients at batch 1 and at the training batch. Each method is measured in a fresh process after all "
+        "runs, one at a time. Peak memory: " + " / ".join(
+            {"cuda-max-allocated": "CUDA max allocated during the training steps",
+             "process-peak-rss": "the fresh process's peak resident memory (Python + torch baseline included)"}[k]
+            for k in kinds) + ". Head-only methods are timed through the backbone; without augmentation the bench "
+        "trains them on cached features, far faster. Artifact per task: mean size of the final runs' artifacts.",
+        "",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- plot

@@ -4,7 +4,8 @@ A run is identified by its *run key*: a canonical JSON of everything that decide
 (suite, task, method and its options, phase, lr, weight decay, seed, backbone, epochs, image size,
 batch size, data sizes, …). A key already in the table is never run again, which makes a bench
 resumable: kill it, re-run the same command, and only the missing runs are trained. Each row is
-committed as soon as its run finishes.
+committed as soon as its run finishes. The ``efficiency`` table holds one measurement of training speed,
+peak memory and inference latency per method (``vistune.bench.efficiency``), keyed the same way.
 """
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ class Store:
             self.db.execute("CREATE INDEX IF NOT EXISTS runs_cell ON runs (suite, task, method, phase)")
             self.db.execute("CREATE TABLE IF NOT EXISTS benches (id INTEGER PRIMARY KEY, started_at TEXT, "
                             "command TEXT, plan TEXT)")
+            # added after schema 1 shipped; CREATE … IF NOT EXISTS gives older stores the table on open
+            self.db.execute("CREATE TABLE IF NOT EXISTS efficiency (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, "
+                            "method TEXT NOT NULL, backbone TEXT, result TEXT NOT NULL, measured_at TEXT)")
 
     # ---- runs -----------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -119,6 +123,16 @@ class Store:
 
     def rows(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM runs ORDER BY id")]
+
+    # ---- efficiency measurements (one per method × backbone × protocol settings × device) -------------
+    def efficiency(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT result FROM efficiency WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def insert_efficiency(self, key: str, method: str, backbone: str, result: dict, measured_at: str) -> None:
+        with self.db:
+            self.db.execute("INSERT INTO efficiency (key, method, backbone, result, measured_at) VALUES (?, ?, ?, ?, ?)",
+                            (key, method, backbone, json.dumps(result), measured_at))
 
     # ---- bench invocations (the plan the report is built from) -----------------------------------
     def add_bench(self, started_at: str, command: str, plan: dict) -> None:

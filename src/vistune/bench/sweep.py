@@ -39,6 +39,7 @@ RUNS = "runs"
 MARKER = "bench-run.json"  # written into a final run's folder before it starts: which run key owns it
 LOCK = ".bench.lock"
 CACHE_LIMIT_BYTES = 2 * 2**30  # keep decoded train/val tensors in memory across runs below this size
+EFFICIENCY_PROTOCOL = {"steps": 10, "warmup": 3}  # timed steps (median) after warm-up steps
 CLI_SETTINGS = ("epochs", "lr_grid", "wd_grid", "seeds", "image_size", "batch_size", "test_size")
 
 
@@ -324,12 +325,22 @@ def run_bench(suite: str | Path | Suite, methods: list[str] | str, backbone, out
               device: str = "auto", image_size: int | None = None, batch_size: int | None = None,
               test_size: int | None = None, sets: list[str] | dict | None = None, checkpoint: str | None = None,
               random_init: bool = False, model_kwargs: dict | None = None, progress: bool = True,
-              console: Console | None = None, command: str | None = None, report: bool = True) -> dict:
+              console: Console | None = None, command: str | None = None, report: bool = True,
+              executor: str = "local", ray_options: dict | None = None, efficiency: bool = True) -> dict:
     """Run (or continue) a benchmark; returns counts of executed / already stored runs and the report path.
 
     ``backbone`` is a name (loaded once, with ``checkpoint``/``random_init``/``model_kwargs``) or an
     already loaded :class:`~vistune.backbones.BackboneView` (e.g. a tiny one in tests).
+    ``executor``: "local" (runs one after another in this process) or "ray" (in parallel on Ray;
+    ``ray_options``: address, cpus_per_run, gpus_per_run of :func:`~vistune.bench.ray_executor.sweep_on_ray`).
+    ``efficiency``: after the runs, measure each method once (:mod:`vistune.bench.efficiency`) for the report.
     """
+    if executor not in ("local", "ray"):
+        raise VistuneError(f"unknown executor {executor!r}", "use local or ray")
+    if executor == "ray":
+        from .ray_executor import _import_ray
+
+        _import_ray()  # fail before loading anything
     console = console or Console()
     out = Path(out)
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
@@ -363,7 +374,9 @@ def run_bench(suite: str | Path | Suite, methods: list[str] | str, backbone, out
         store.add_bench(_now(), command or "python: vistune.bench.run_bench", plan)
         commit, dirty = git_commit()
         summary = _sweep(plan, suite, root, backbone, out, store, device=device, progress=progress,
-                         console=console, commit=commit, dirty=dirty)
+                         console=console, commit=commit, dirty=dirty, executor=executor, ray_options=ray_options)
+        if efficiency:
+            summary["efficiency_measured"] = measure_methods(plan, backbone, store, device=device, console=console)
     if report:
         from .report import write_report
 
@@ -372,16 +385,48 @@ def run_bench(suite: str | Path | Suite, methods: list[str] | str, backbone, out
     return summary
 
 
-def _sweep(plan: dict, suite: Suite, root, backbone, out: Path, store: Store, *, device: str, progress: bool,
-           console: Console, commit, dirty) -> dict:
-    cells_by_task: dict[str, list[dict]] = {}
-    for cell in plan["cells"]:
-        cells_by_task.setdefault(cell["task"], []).append(cell)
-    tasks = {t.name: t for t in suite.tasks}
+def measure_methods(plan: dict, backbone, store: Store, *, device: str, console: Console) -> int:
+    """One efficiency measurement per method (same protocol for all; at the first task's image size, batch
+    size and class count), each in a fresh process, one at a time after the training runs so that no
+    other run competes for the device. Stored like runs: a method measured before is not measured again."""
+    from ..training.trainer import resolve_device
+    from .efficiency import backbone_spec_of, device_name, measure_efficiency, measure_in_subprocess
 
-    # how many runs are left: exact for cells whose selection is complete, all seeds otherwise
-    all_keys = [s["key"] for c in plan["cells"] for s in c["select"]]
-    stored = store.get_many(all_keys)
+    try:
+        spec = backbone_spec_of(backbone)
+    except VistuneError:
+        spec = None  # a backbone a child process cannot rebuild (e.g. non-JSON model kwargs): measure here
+    where = device_name(resolve_device(device))
+    measured = 0
+    for method in plan["methods"]:
+        cell = next(c for c in plan["cells"] if c["method"] == method)
+        rows = [r for r in store.rows() if r["method"] == method and r["task"] == cell["task"] and r["status"] == "ok"]
+        if not rows:
+            continue  # nothing trained (all diverged): no class count to build the head with
+        num_classes = json.loads(rows[0]["config"])["num_classes"]
+        s = cell["settings"]
+        key = canonical({"phase": "efficiency", "method": method, "options": cell["options"],
+                         "backbone": plan["backbone"], "image_size": s["image_size"], "batch_size": s["batch_size"],
+                         "num_classes": num_classes, "device": where, "protocol": EFFICIENCY_PROTOCOL})
+        if store.efficiency(key) is not None:
+            continue
+        console.print(f"efficiency: {method} on {where} (batch {s['batch_size']}, {s['image_size']} px) …")
+        kwargs = dict(image_size=s["image_size"], batch_size=s["batch_size"], device=device,
+                      **EFFICIENCY_PROTOCOL)
+        if spec is not None:
+            result = {**measure_in_subprocess(spec, method, cell["options"], num_classes, **kwargs),
+                      "process": "fresh"}
+        else:
+            result = {**measure_efficiency(backbone, method, cell["options"], num_classes, **kwargs),
+                      "process": "bench (shared)"}
+        store.insert_efficiency(key, method, plan["backbone"]["name"], result, _now())
+        measured += 1
+    return measured
+
+
+def _pending_runs(plan: dict, store: Store) -> tuple[int, int]:
+    """(planned, still to run): exact for cells whose selection is complete, all seeds otherwise."""
+    stored = store.get_many([s["key"] for c in plan["cells"] for s in c["select"]])
     total_runs = pending = 0
     for cell in plan["cells"]:
         total_runs += len(cell["select"]) + len(cell["seeds"])
@@ -393,62 +438,100 @@ def _sweep(plan: dict, suite: Suite, root, backbone, out: Path, store: Store, *,
             pending += len(cell["seeds"])
         else:
             pending += sum(not store.has(final_key(cell, best["lr"], best["wd"], s)) for s in cell["seeds"])
-    n_tasks, n_methods = len(cells_by_task), len(plan["methods"])
+    return total_runs, pending
+
+
+def _sweep(plan: dict, suite: Suite, root, backbone, out: Path, store: Store, *, device: str, progress: bool,
+           console: Console, commit, dirty, executor: str = "local", ray_options: dict | None = None) -> dict:
+    total_runs, pending = _pending_runs(plan, store)
+    n_tasks, n_methods = len({c["task"] for c in plan["cells"]}), len(plan["methods"])
     console.print(f"[bold]vistune bench[/] {plan['suite']}: {n_tasks} task(s) × {n_methods} method(s) on "
-                  f"{plan['backbone']['name']} ({plan['backbone']['source']}) → {out}")
+                  f"{plan['backbone']['name']} ({plan['backbone']['source']}) → {out}"
+                  + (" on Ray" if executor == "ray" else ""))
     if pending < total_runs:
         console.print(f"resuming: {total_runs - pending} of {total_runs} runs are already in {out / STORE}")
     display = _Display(console, pending, progress)
-    executed = 0
-    ctx = dict(backbone=backbone, out=out, store=store, device=device, display=display, commit=commit,
-               dirty=dirty, root=root, suite=suite)
+    ctx = _Context(suite=suite, root=root, backbone=backbone, out=out, store=store, device=device, display=display,
+                   commit=commit, dirty=dirty)
     try:
-        for task_name, cells in cells_by_task.items():
-            task = tasks[task_name]
-            spec = suite.data_spec(task, root)
-            # ---- selection: train subset → val subset; the data carry no test split at all
-            todo = [(c, s) for c in cells for s in c["select"] if not store.has(s["key"])]
-            if todo:
-                data = _load(backbone, cells[0], spec, "train-val", with_test=False)
-                for cell, sel in todo:
-                    executed += _run_select(cell, sel, spec, data, **ctx)
-                del data
-            # ---- final: the best setting, retrained on train + val with each seed, tested once
-            finals = []
-            for cell in cells:
-                rows = store.get_many([s["key"] for s in cell["select"]])
-                best = choose_best(cell, rows)
-                if best is None:
-                    if all(s["key"] in rows for s in cell["select"]):
-                        console.print(f"[yellow]{task_name}/{cell['method']}: every lr × wd setting diverged; "
-                                      "no final runs (try a smaller lr grid)[/]")
-                        display.shrink(len(cell["seeds"]))
-                    continue
-                finals += [(cell, best, seed) for seed in cell["seeds"]
-                           if not store.has(final_key(cell, best["lr"], best["wd"], seed))]
-            if finals:
-                data = _load(backbone, cells[0], spec, "final", with_test=True)
-                for cell, best, seed in finals:
-                    executed += _run_final(cell, best, seed, spec, data, **ctx)
-                del data
+        if executor == "ray":
+            from .ray_executor import sweep_on_ray
+
+            executed = sweep_on_ray(plan, ctx, **(ray_options or {}))
+        else:
+            executed = _sweep_in_process(plan, ctx)
     finally:
         display.close()
     return {"executed": executed, "already_stored": total_runs - pending, "planned": total_runs,
             "store": str(out / STORE)}
 
 
-def _load(backbone, cell: dict, spec: str, protocol: str, with_test: bool):
-    """A task's data for one phase, with the transforms of the cell's preprocessing (same for all methods)."""
+@dataclasses.dataclass
+class _Context:
+    """What every run of a sweep shares, whichever executor runs it."""
+    suite: Suite
+    root: str | None
+    backbone: object
+    out: Path
+    store: Store
+    device: str
+    display: _Display
+    commit: str | None
+    dirty: bool | None
+
+    def spec(self, cell: dict) -> str:
+        return self.suite.data_spec({t.name: t for t in self.suite.tasks}[cell["task"]], self.root)
+
+
+def _sweep_in_process(plan: dict, ctx: _Context) -> int:
+    """Runs one after another in this process; each task's data is decoded once per phase."""
+    cells_by_task: dict[str, list[dict]] = {}
+    for cell in plan["cells"]:
+        cells_by_task.setdefault(cell["task"], []).append(cell)
+    executed = 0
+    for cells in cells_by_task.values():
+        spec = ctx.spec(cells[0])
+        # ---- selection: train subset → val subset; the data carry no test split at all
+        todo = [(c, s) for c in cells for s in c["select"] if not ctx.store.has(s["key"])]
+        if todo:
+            data = load_phase_data(ctx.backbone, cells[0], spec, "select")
+            for cell, sel in todo:
+                label, job = select_job(cell, sel, spec, ctx)
+                ctx.display.describe(label)
+                started, t0 = _now(), time.perf_counter()
+                outcome = execute(job, ctx.backbone, data)
+                record_select(cell, sel, outcome, ctx, label=label, started=started,
+                              seconds=time.perf_counter() - t0)
+                executed += 1
+            del data
+        # ---- final: the best setting, retrained on train + val with each seed, tested once
+        finals = [f for cell in cells for f in final_runs(cell, ctx)]
+        if finals:
+            data = load_phase_data(ctx.backbone, cells[0], spec, "final")
+            for final in finals:
+                ctx.display.describe(final["label"])
+                t0 = time.perf_counter()
+                outcome = execute(final["job"], ctx.backbone, data, resume=final["resume"])
+                record_final(final, outcome, ctx, seconds=time.perf_counter() - t0)
+                executed += 1
+            del data
+    return executed
+
+
+def load_phase_data(backbone, cell: dict, spec: str, phase: str):
+    """A task's data for one phase ("select": train/val subsets and no test split; "final": train+val and
+    test), with the transforms of the cell's preprocessing (the same for all methods of a task)."""
     from ..data import load_data
 
     s = cell["settings"]
     job = Job(backbone=backbone.spec.name, method=cell["method"], data=spec, image_size=s["image_size"],
               normalization=s["normalization"], augment=s["augment"])
     train_tf, eval_tf = transforms_for(preprocessing_for(backbone, job))
+    final = phase == "final"
     data = load_data(spec, train_transform=train_tf, eval_transform=eval_tf, train_size=s["train_size"],
-                     val_size=s["val_size"], test_size=s["test_size"] if with_test else None,
-                     seed=s["data_seed"], protocol=protocol)
-    if not with_test:
+                     val_size=s["val_size"], test_size=s["test_size"] if final else None,
+                     seed=s["data_seed"], protocol="final" if final else "train-val")
+    if not final:
         data = dataclasses.replace(data, test=None)  # selection never sees test
     return dataclasses.replace(data, train=_maybe_cache(data.train, s["image_size"], s["augment"]),
                                val=_maybe_cache(data.val, s["image_size"], s["augment"]))
@@ -465,6 +548,16 @@ def _job(cell: dict, spec: str, backbone, *, lr, wd, seed, device, out=None, fin
                model_kwargs=dict(b.model_kwargs or {}), image_size=s["image_size"],
                normalization=s["normalization"], augment=s["augment"], train_size=s["train_size"],
                val_size=s["val_size"], protocol="final" if final else "train-val", train=train)
+
+
+def execute(job: Job, backbone, data, resume: bool = False) -> tuple[dict | None, str, str | None]:
+    """Train one run: (metrics without the model, "ok", None) or (None, "diverged", why)."""
+    try:
+        metrics = run_job(job, resume=resume, progress=False, backbone=backbone, data=data)
+    except TrainingDiverged as e:
+        return None, "diverged", e.what
+    metrics.pop("model", None)
+    return metrics, "ok", None
 
 
 def _row(cell, phase, key, lr, wd, seed, metrics, *, started, finished, commit, dirty, status="ok", error=None,
@@ -493,68 +586,81 @@ def _row(cell, phase, key, lr, wd, seed, metrics, *, started, finished, commit, 
     }
 
 
+def select_job(cell: dict, sel: dict, spec: str, ctx: _Context) -> tuple[str, Job]:
+    label = f"select {cell['task']}/{cell['method']} lr={_fmt(sel['lr'])} wd={_fmt(sel['wd'])}"
+    return label, _job(cell, spec, ctx.backbone, lr=sel["lr"], wd=sel["wd"], seed=sel["seed"], device=ctx.device,
+                       final=False)
 
-def _run_select(cell, sel, spec, data, *, backbone, out, store, device, display, commit, dirty, root, suite) -> int:
-    lr, wd, seed = sel["lr"], sel["wd"], sel["seed"]
-    label = f"select {cell['task']}/{cell['method']} lr={_fmt(lr)} wd={_fmt(wd)}"
-    display.describe(label)
-    job = _job(cell, spec, backbone, lr=lr, wd=wd, seed=seed, device=device, final=False)
-    started, t0 = _now(), time.perf_counter()
-    try:
-        metrics = run_job(job, progress=False, backbone=backbone, data=data)
-        metrics.pop("model", None)
-        status, error = "ok", None
-    except TrainingDiverged as e:
-        metrics, status, error = None, "diverged", e.what
+
+def record_select(cell: dict, sel: dict, outcome, ctx: _Context, *, label: str, started: str,
+                  seconds: float) -> None:
+    metrics, status, error = outcome
     assert metrics is None or metrics["test_accuracy"] is None, "selection must never evaluate test"
-    store.insert(_row(cell, "select", sel["key"], lr, wd, seed, metrics, started=started, finished=_now(),
-                      commit=commit, dirty=dirty, status=status, error=error))
-    seconds = time.perf_counter() - t0
+    ctx.store.insert(_row(cell, "select", sel["key"], sel["lr"], sel["wd"], sel["seed"], metrics, started=started,
+                          finished=_now(), commit=ctx.commit, dirty=ctx.dirty, status=status, error=error))
     result = f"val {metrics['val_accuracy']:.4f}" if metrics else "[yellow]diverged[/]"
-    display.finished(f"{label}: {result} ({seconds:.0f} s)", seconds)
-    return 1
+    ctx.display.finished(f"{label}: {result} ({seconds:.0f} s)", seconds)
 
 
-def _run_final(cell, best, seed, spec, data, *, backbone, out, store, device, display, commit, dirty, root,
-               suite) -> int:
+def final_runs(cell: dict, ctx: _Context) -> list[dict]:
+    """The final runs a cell still needs (none while its selection is incomplete). Prepares each run's
+    folder: recovers a run that finished before its row was stored, sets aside a folder of other settings."""
+    rows = ctx.store.get_many([s["key"] for s in cell["select"]])
+    best = choose_best(cell, rows)
+    if best is None:
+        if all(s["key"] in rows for s in cell["select"]):
+            ctx.display.console.print(f"[yellow]{cell['task']}/{cell['method']}: every lr × wd setting diverged; "
+                                      "no final runs (try a smaller lr grid)[/]")
+            ctx.display.shrink(len(cell["seeds"]))
+        return []
+    out = []
+    for seed in cell["seeds"]:
+        if not ctx.store.has(final_key(cell, best["lr"], best["wd"], seed)):
+            final = _prepare_final(cell, best, seed, ctx)
+            if final is not None:
+                out.append(final)
+    return out
+
+
+def _prepare_final(cell: dict, best: dict, seed: int, ctx: _Context) -> dict | None:
     lr, wd = best["lr"], best["wd"]
     key = final_key(cell, lr, wd, seed)
     rel = Path(RUNS) / cell["task"] / cell["method"] / f"seed{seed}"
-    run_dir = out / rel
+    run_dir = ctx.out / rel
     label = f"final  {cell['task']}/{cell['method']} lr={_fmt(lr)} wd={_fmt(wd)} seed={seed}"
-    display.describe(label)
-    resume, started = False, _now()
+    final = {"cell": cell, "key": key, "lr": lr, "wd": wd, "seed": seed, "rel": rel, "label": label,
+             "resume": False, "started": _now()}
     if run_dir.exists():
         marker = _read_marker(run_dir)
         if marker.get("run_key") == key:
             if (run_dir / METRICS).exists():  # finished, but the process died before the row was committed
                 metrics = read_metrics(run_dir)
-                store.insert(_row(cell, "final", key, lr, wd, seed, metrics, started=marker.get("started_at"),
-                                  finished=_now(), commit=commit, dirty=dirty, artifact_dir=str(rel)))
-                display.finished(f"{label}: {_test_text(metrics)} (recovered from {rel})", 0.0)
-                return 0
-            resume = (run_dir / STATE_FILE).exists()  # interrupted mid-training: continue from its checkpoint
-            started = marker.get("started_at") or started
+                ctx.store.insert(_row(cell, "final", key, lr, wd, seed, metrics, started=marker.get("started_at"),
+                                      finished=_now(), commit=ctx.commit, dirty=ctx.dirty, artifact_dir=str(rel)))
+                ctx.display.finished(f"{label}: {_test_text(metrics)} (recovered from {rel})", 0.0)
+                return None
+            final["resume"] = (run_dir / STATE_FILE).exists()  # interrupted mid-training: continue from its checkpoint
+            final["started"] = marker.get("started_at") or final["started"]
         else:
             aside = _set_aside(run_dir)
-            store.move_artifact(str(rel), str(aside.relative_to(out)))
-            display.console.print(f"[yellow]{rel} held a run with other settings; moved it to {aside.name}[/]")
-    atomic_write_json(run_dir / MARKER, {"run_key": key, "started_at": started})
-    job = _job(cell, spec, backbone, lr=lr, wd=wd, seed=seed, device=device, out=run_dir, final=True)
-    t0 = time.perf_counter()
-    try:
-        metrics = run_job(job, resume=resume, progress=False, backbone=backbone, data=data)
-        metrics.pop("model", None)
-        status, error = "ok", None
-    except TrainingDiverged as e:
-        metrics, status, error = None, "diverged", e.what
-    store.insert(_row(cell, "final", key, lr, wd, seed, metrics, started=started, finished=_now(), commit=commit,
-                      dirty=dirty, status=status, error=error, artifact_dir=str(rel) if metrics else None))
-    seconds = time.perf_counter() - t0
+            ctx.store.move_artifact(str(rel), str(aside.relative_to(ctx.out)))
+            ctx.display.console.print(f"[yellow]{rel} held a run with other settings; moved it to {aside.name}[/]")
+    atomic_write_json(run_dir / MARKER, {"run_key": key, "started_at": final["started"]})
+    final["job"] = _job(cell, ctx.spec(cell), ctx.backbone, lr=lr, wd=wd, seed=seed, device=ctx.device,
+                        out=run_dir, final=True)
+    return final
+
+
+def record_final(final: dict, outcome, ctx: _Context, *, seconds: float) -> None:
+    metrics, status, error = outcome
+    cell = final["cell"]
+    ctx.store.insert(_row(cell, "final", final["key"], final["lr"], final["wd"], final["seed"], metrics,
+                          started=final["started"], finished=_now(), commit=ctx.commit, dirty=ctx.dirty,
+                          status=status, error=error, artifact_dir=str(final["rel"]) if metrics else None))
     result = (f"{_test_text(metrics)}, {metrics['artifact_bytes'] / 1024:.0f} KiB" if metrics
               else "[yellow]diverged[/]")
-    display.finished(f"{label}: {result} ({seconds:.0f} s{', resumed' if resume else ''})", seconds)
-    return 1
+    ctx.display.finished(f"{final['label']}: {result} ({seconds:.0f} s{', resumed' if final['resume'] else ''})",
+                         seconds)
 
 
 def _test_text(metrics: dict) -> str:
