@@ -146,6 +146,29 @@ def test_sweep_protocol_report_and_resume(image_folder, tiny_backbones, tmp_path
     assert "| **bias** |" in (tmp_path / "r.md").read_text()
 
 
+def test_progress_shows_the_sweep_and_each_run_with_its_steps(image_folder, tiny_backbones, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    bars, steps = [], []
+
+    def recording_run_job(job, **kwargs):
+        bar = kwargs["on_step"]
+        bars.append(bar)
+        return REAL_RUN_JOB(job, **{**kwargs, "on_step": lambda done, total: (bar(done, total),
+                                                                              steps.append((done, total)))})
+
+    monkeypatch.setattr(sweep_mod, "run_job", recording_run_job)
+    text = io.StringIO()
+    run_bench(_suite(image_folder), ["linear"], tiny_backbones("vit"), tmp_path / "b", device="cpu", efficiency=False,
+              console=Console(file=text, force_terminal=True, width=200))
+    assert len(bars) == len(LR_GRID) * len(WD_GRID) + len(SEEDS) and all(callable(b) for b in bars)
+    assert steps[:3] == [(1, 3), (2, 3), (3, 3)]  # 24 images / batch 8 = 3 steps in the run's one epoch
+    out = text.getvalue()
+    assert "bench" in out and "runs" in out and "steps" in out and "select folder/linear" in out
+
+
 def test_interrupted_sweep_completes_without_duplicates(image_folder, tiny_backbones, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     backbone = tiny_backbones("vit")

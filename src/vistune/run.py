@@ -109,8 +109,9 @@ def check_out_dir(out: Path, resume: bool) -> None:
 
 
 def run_job(job: Job, *, resume: bool = False, progress: bool = True,
-            backbone: BackboneView | None = None, data: DataSplits | None = None) -> dict:
-    """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``."""
+            backbone: BackboneView | None = None, data: DataSplits | None = None, on_step=None) -> dict:
+    """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``.
+    ``on_step(done, total)``: called after every training step (see :func:`~vistune.training.train`)."""
     out = Path(job.out) if job.out else None
     progress = progress and distributed.is_main()
     if out is not None:
@@ -141,7 +142,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         model.prepare(data.train.with_transform(eval_tf), device=device,
                       batch_size=max(64, job.train.batch_size), progress=progress)
     result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
-                   augment=job.augment)
+                   augment=job.augment, on_step=on_step)
     wall = time.perf_counter() - t0
     test = None
     if data.test is not None:

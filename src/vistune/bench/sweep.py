@@ -277,7 +277,8 @@ def _maybe_cache(ds, image_size: int, augment: bool):
 
 
 class _Display:
-    """One progress bar over the whole sweep (ETA included) and a line per finished run."""
+    """A progress bar over the whole sweep (ETA included), one for the run in progress (in-process sweeps)
+    and a line per finished run."""
 
     def __init__(self, console: Console, total: int, progress: bool):
         self.console, self.total, self.done, self.t0 = console, total, 0, time.perf_counter()
@@ -287,16 +288,28 @@ class _Display:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self.progress = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("runs"), TimeElapsedColumn(), TextColumn("ETA"),
+            self.progress = Progress(TextColumn("[bold]{task.fields[what]}[/]"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                      TimeRemainingColumn(), TextColumn("{task.description}"),
                                      console=console, speed_estimate_period=7 * 24 * 3600, transient=False)
-            self.task = self.progress.add_task("", total=total)
+            self.task = self.progress.add_task("", total=total, what="bench", unit="runs")
+            self.run_task = self.progress.add_task("", total=1, what="run  ", unit="steps", visible=False)
             self.progress.start()
 
     def describe(self, text: str) -> None:
         if self.progress is not None:
             self.progress.update(self.task, description=text)
+
+    def run_bar(self, label: str):
+        """A fresh bar for the run about to start; returns its ``on_step(done, total)`` (None without bars)."""
+        if self.progress is None:
+            return None
+        self.progress.reset(self.run_task, total=1, completed=0, visible=True, description=label)
+
+        def on_step(done: int, total: int) -> None:
+            self.progress.update(self.run_task, total=total, completed=done)
+
+        return on_step
 
     def shrink(self, n: int) -> None:
         """Fewer runs than planned (a cell whose every selection run diverged has no final runs)."""
@@ -499,7 +512,7 @@ def _sweep_in_process(plan: dict, ctx: _Context) -> int:
                 label, job = select_job(cell, sel, spec, ctx)
                 ctx.display.describe(label)
                 started, t0 = _now(), time.perf_counter()
-                outcome = execute(job, ctx.backbone, data)
+                outcome = execute(job, ctx.backbone, data, on_step=ctx.display.run_bar(label))
                 record_select(cell, sel, outcome, ctx, label=label, started=started,
                               seconds=time.perf_counter() - t0)
                 executed += 1
@@ -511,7 +524,8 @@ def _sweep_in_process(plan: dict, ctx: _Context) -> int:
             for final in finals:
                 ctx.display.describe(final["label"])
                 t0 = time.perf_counter()
-                outcome = execute(final["job"], ctx.backbone, data, resume=final["resume"])
+                outcome = execute(final["job"], ctx.backbone, data, resume=final["resume"],
+                                  on_step=ctx.display.run_bar(final["label"]))
                 record_final(final, outcome, ctx, seconds=time.perf_counter() - t0)
                 executed += 1
             del data
@@ -550,10 +564,10 @@ def _job(cell: dict, spec: str, backbone, *, lr, wd, seed, device, out=None, fin
                val_size=s["val_size"], protocol="final" if final else "train-val", train=train)
 
 
-def execute(job: Job, backbone, data, resume: bool = False) -> tuple[dict | None, str, str | None]:
+def execute(job: Job, backbone, data, resume: bool = False, on_step=None) -> tuple[dict | None, str, str | None]:
     """Train one run: (metrics without the model, "ok", None) or (None, "diverged", why)."""
     try:
-        metrics = run_job(job, resume=resume, progress=False, backbone=backbone, data=data)
+        metrics = run_job(job, resume=resume, progress=False, backbone=backbone, data=data, on_step=on_step)
     except TrainingDiverged as e:
         return None, "diverged", e.what
     metrics.pop("model", None)

@@ -14,8 +14,10 @@ torchrun, so both compute the same steps up to float rounding.
 """
 from __future__ import annotations
 
+
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -236,12 +238,14 @@ def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> d
 
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          augment: bool = False, batch_transform=None) -> TrainResult:
+          augment: bool = False, batch_transform=None,
+          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train ``model``'s tuned parameters; loads the best-val (or last) state into it at the end.
 
     ``batch_transform`` (e.g. random crops done on the GPU) is applied to each training batch on
     the device; it counts as augmentation. With ``out_dir``, a checkpoint is written there after every epoch; ``resume=True`` continues
-    from it to the same result as an uninterrupted run.
+    from it to the same result as an uninterrupted run. ``on_step(done, total)`` is called after every
+    training step (e.g. a caller's own progress bar: `vistune bench` shows one per run).
     """
     device = resolve_device(cfg.device)
     world, rank = distributed.world_size(), distributed.rank()
@@ -337,6 +341,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             seen += len(y) * world
             bar.update(1)
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.3f}")
+            if on_step is not None:
+                on_step(epoch * steps_per_epoch + step + 1, cfg.epochs * steps_per_epoch)
         # each process updated train-mode BatchNorm statistics on its own B/N images: agree on their mean
         if world > 1:
             distributed.average_across(_tuned_buffers(model))
