@@ -4,7 +4,8 @@ Small and slow-marked: the 32-px ViT costs ~1-5 s per training step on a 2-core 
 digits (real images), 160 train / 80 val / 300 test, 5 epochs, batch 32, base lr 0.5 (SCT: its own
 AdamW default), seed 0. Measured on 2026-11-23 (2-core CPU), test top-1 — chance is 0.10:
   ViT:  linear 0.467, vpt-shallow 0.433, vpt-deep 0.627, adapter 0.667, bias 0.630, sct 0.470, pgn 0.597,
-        lora 0.507, ssf 0.677 (linear re-measured the same day under load: 0.450)
+        lora 0.507, ssf 0.677 (linear re-measured the same day under load: 0.450); pro-tuning 0.603, dora 0.520,
+        ia3 0.620, ln-tuning 0.673 (measured later that day, 29-45 s each, one thread)
   Swin: linear 0.767, vpt-deep 0.667
 Thresholds sit ~0.08-0.10 below the measured values.
 """
@@ -31,6 +32,10 @@ THRESHOLDS = {
     ("vistune/vit-tiny-cifar10", "pgn"): 0.50,
     ("vistune/vit-tiny-cifar10", "lora"): 0.42,
     ("vistune/vit-tiny-cifar10", "ssf"): 0.59,
+    ("vistune/vit-tiny-cifar10", "pro-tuning"): 0.51,
+    ("vistune/vit-tiny-cifar10", "dora"): 0.43,
+    ("vistune/vit-tiny-cifar10", "ia3"): 0.53,
+    ("vistune/vit-tiny-cifar10", "ln-tuning"): 0.58,
     ("vistune/swin-tiny-cifar10", "linear"): 0.67,
     ("vistune/swin-tiny-cifar10", "vpt-deep"): 0.57,
 }
