@@ -352,6 +352,9 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["bench", "--suite", "offline-mini", "--methods", "linear", "--backbone", "x", "--out",
                  str(tmp_path / "o"), "--set", "bias.reduction=8"]) == 2
     assert "not in --methods" in capsys.readouterr().err
+    assert main(["bench", "--suite", "offline-mini", "--methods", "linear", "--backbone", "x", "--out",
+                 str(tmp_path / "o"), "--gpus-per-run", "0.5"]) == 2
+    assert "--gpus-per-run only applies to runs on Ray" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "results.sqlite" in capsys.readouterr().err
 

@@ -31,6 +31,10 @@ def cmd_bench(args) -> int:
     from .sweep import command_line, run_bench
 
     console = Console(quiet=args.quiet)
+    ray_flags = [f for f, v in (("--ray-address", args.ray_address), ("--gpus-per-run", args.gpus_per_run),
+                                ("--cpus-per-run", args.cpus_per_run != 1.0)) if v]
+    if ray_flags and args.executor != "ray":
+        raise VistuneError(f"{', '.join(ray_flags)} only applies to runs on Ray", "add --executor ray")
     try:
         summary = run_bench(
             args.suite, _names(args.methods) or [], args.backbone, args.out, data_root=args.data_root,
