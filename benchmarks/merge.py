@@ -13,31 +13,23 @@ Example (the tables in docs/peft.md):
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
 
 import torch
 
-from _harness import autocast, method_config, peak_mb, run_configs, sgd_step, timeit, timeit_interleaved
+import _harness
+from _harness import NUM_CLASSES, autocast, child_inputs, method_config, peak_mb, sgd_step, timeit, timeit_interleaved
 
 
 def measure(args) -> dict:
     """Runs in the child process: one configuration."""
-    from vistune.backbones import load_backbone
     from vistune.merge import merge
     from vistune.methods import adapt, count_parameters, make_config
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    backbone = load_backbone(args.backbone, random_init=args.random_init, model_kwargs=kwargs)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    device, backbone, x, y = child_inputs(args)
     amp = autocast(device)
     bare = copy.deepcopy(backbone.model)
-    bare.reset_classifier(10)
+    bare.reset_classifier(NUM_CLASSES)
     bare = bare.to(device).eval()
     row = {"config": args.config}
     if args.config == "bare":
@@ -46,7 +38,7 @@ def measure(args) -> dict:
         row.update(tuned_params=0, peak_mb=peak_mb(device))
         return row
     name, sets = method_config(args.config)
-    model = adapt(backbone, make_config(name, sets), 10).to(device)
+    model = adapt(backbone, make_config(name, sets), NUM_CLASSES).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row["train_step_ms"] = 1000 * timeit(sgd_step(model, x, y, device), device, args.steps, args.warmup)
@@ -68,33 +60,13 @@ def measure(args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0")
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--model-kwargs", default="", help="JSON dict of timm kwargs (with --random-init)")
-    p.add_argument("--methods", default="full,linear,lora,dora,ia3,ln-tuning,ssf",
-                   help="comma list; options after a colon, e.g. lora:r=16 (one option per method)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--config", help=argparse.SUPPRESS)  # child mode
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.config:
-        print(json.dumps(measure(args)))
-        return
-    _print_table(run_configs(__file__, ["bare"] + args.methods.split(",")), args)
+    args = _harness.parser(__doc__, "full,linear,lora,dora,ia3,ln-tuning,ssf",
+                           "comma list; options after a colon, e.g. lora:r=16 (one option per method)").parse_args()
+    _harness.main(args, __file__, ["bare"] + args.methods.split(","), measure, _print_table)
 
 
 def _print_table(rows, args):
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU {platform.machine()}, {args.threads or torch.get_num_threads()} threads"
-    print(f"\nbackbone {args.backbone}, batch {args.batch_size}, {args.image_size}px, {dev}, torch {torch.__version__}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"\n{_harness.machine(args)}")
     print("| config | tuned params | train step (ms) | peak memory (MiB) | inference unmerged (ms) | "
           "merged (ms) | bare (ms) | merged − unmerged logits |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

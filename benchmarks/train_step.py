@@ -24,30 +24,21 @@ Example (the table in docs/benchmarks.md):
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-
 import torch
 
-from _harness import autocast, method_config, peak_mb, run_configs, sgd_step, split_methods, timeit
+import _harness
+from _harness import NUM_CLASSES, autocast, child_inputs, method_config, peak_mb, sgd_step, split_methods, timeit
 
 
 def measure(args) -> dict:
     """Runs in the child process: one configuration."""
-    from vistune.backbones import load_backbone
     from vistune.methods import adapt, count_parameters, make_config
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    backbone = load_backbone(args.backbone, random_init=args.random_init, model_kwargs=kwargs)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    device, backbone, x, y = child_inputs(args)
     if args.task == "segmentation":
         from vistune.methods.decoder import dense_features
 
-        y = torch.randint(0, 10, (args.batch_size, args.image_size, args.image_size), device=device)
+        y = torch.randint(0, NUM_CLASSES, (args.batch_size, args.image_size, args.image_size), device=device)
         backbone.forward_features = lambda xb: sum(f.float().mean() for f in dense_features(backbone, xb))
     amp = autocast(device)
     row = {"config": args.config}
@@ -72,10 +63,8 @@ def measure(args) -> dict:
     else:
         method, sets = method_config(args.config)
         name, _, mode = method.partition("@")
-        config = make_config(name, sets)
-        if getattr(config, "image_size", "absent") is None:
-            config.image_size = args.image_size
-        model = adapt(backbone, config, 10, task=args.task).to(device)
+        model = adapt(backbone, make_config(name, sets, image_size=args.image_size), NUM_CLASSES,
+                      task=args.task).to(device)
         row["train_step_ms"] = 1000 * timeit(sgd_step(model, x, y, device), device, args.steps, args.warmup)
         peak_train = peak_mb(device) if device.type == "cuda" else None
         model.eval()
@@ -93,35 +82,17 @@ def measure(args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0")
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--model-kwargs", default="", help="JSON dict of timm kwargs (with --random-init)")
-    p.add_argument("--methods", default="linear,full,partial-1,mlp-3,bias,adapter,sidetune,vpt-pad",
-                   help="comma list; options after a colon, e.g. vpt-deep:num_tokens=50")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = _harness.parser(__doc__, "linear,full,partial-1,mlp-3,bias,adapter,sidetune,vpt-pad",
+                        "comma list; options after a colon, e.g. vpt-deep:num_tokens=50")
     p.add_argument("--task", choices=["classification", "segmentation"], default="classification")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--config", help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.config:
-        print(json.dumps(measure(args)))
-        return
-    _print_table(run_configs(__file__, ["frozen-floor", "infer-bare"] + split_methods(args.methods)), args)
+    _harness.main(args, __file__, ["frozen-floor", "infer-bare"] + split_methods(args.methods), measure,
+                  _print_table)
 
 
 def _print_table(rows, args):
     bare = next((r for r in rows if r["config"] == "infer-bare"), None)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.machine()}, " \
-        f"{torch.get_num_threads()} threads"
-    print(f"\n{args.task}, backbone {args.backbone}, batch {args.batch_size}, {args.image_size}px, {dev}, torch {torch.__version__}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"\n{args.task}, {_harness.machine(args)}")
     print(f"| config | tuned params | train step (ms) | peak memory (MiB) | inference b{args.batch_size} (ms) | "
           f"/ bare | inference b1 (ms) | / bare |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

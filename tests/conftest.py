@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight stock timm models of every family (no download)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -52,13 +53,22 @@ def vit_b16():
     return load_backbone("vit_base_patch16_224", random_init=True)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to ``n`` for the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def tinted_class_folder(root, n_train: int, n_test: int, seed: int, size: int = IMAGE_SIZE):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vistune.bench import builtin_suites, load_suite, parse_suite, run_bench
@@ -25,12 +24,8 @@ REAL_RUN_JOB = sweep_mod.run_job
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The runs here are tiny: one thread avoids OpenMP overhead (large on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """The runs here are tiny: one thread avoids OpenMP overhead (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import torch_threads
 
 from vistune.backbones import OFFLINE_BACKBONES, load_backbone, packaged_backbones
 from vistune.data import load_data
@@ -121,10 +122,8 @@ def test_imagenet_lite0_pro_tuning_beats_the_linear_probe(lite0, task):
 @pytest.fixture()
 def all_threads():
     """A 128-px CNN with a decoder is no tiny model: two threads are ~1.6x faster than one here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, os.cpu_count() or 1))
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(max(2, os.cpu_count() or 1)):
+        yield
 
 
 @needs_lite0

@@ -116,7 +116,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     progress = progress and distributed.is_main()
     if out is not None:
         check_out_dir(out, resume)
-    config = make_config(job.method, job.overrides)  # validate options before any slow loading
+    make_config(job.method, job.overrides)  # validate the options before any slow loading
     device = resolve_device(job.train.device)
     if backbone is None:
         backbone = load_backbone(job.backbone, checkpoint=job.checkpoint, random_init=job.random_init,
@@ -130,8 +130,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
                                "add --task segmentation")
         train_tf, eval_tf = make_transforms(prep)
         data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
-    if getattr(config, "image_size", "absent") is None:  # methods that size parameters by the input
-        config.image_size = prep["image_size"]
+    config = make_config(job.method, job.overrides, image_size=prep["image_size"])
     torch.manual_seed(job.train.seed)  # the method's own initialisation
     model = adapt(backbone, config, num_classes=len(data.class_names), task=job.task)
     if device.type == "cuda":

@@ -108,10 +108,7 @@ def _check_sizes(batch_size: int, steps: int, warmup: int) -> None:
 def _build(backbone: BackboneView, method: str, options: dict, num_classes: int, image_size: int,
            x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Method:
     """The adapted model as `run_job` builds it, prepared on the synthetic batch instead of the training set."""
-    config = make_config(method, options)
-    if getattr(config, "image_size", "absent") is None:  # methods that size parameters by the input
-        config.image_size = image_size
-    model = adapt(backbone, config, num_classes)
+    model = adapt(backbone, make_config(method, options, image_size=image_size), num_classes)
     # data-dependent set-up (SCT's channel calibration): its cost does not depend on which channels it picks
     model.prepare(TensorDataset(x, y), device=device, batch_size=len(x), progress=False)
     return model.to(device)

@@ -15,14 +15,14 @@ import time
 from ..errors import VistuneError
 from .store import canonical
 from .sweep import (
-    _Context,
-    _now,
+    SweepContext,
     execute,
     final_runs,
     load_phase_data,
     record_final,
     record_select,
     select_job,
+    utc_now,
 )
 
 _PHASE_DATA: dict[str, object] = {}  # per worker process: the data of the last task × phase it trained on
@@ -39,7 +39,7 @@ def _train(job, backbone, cell: dict, spec: str, phase: str, resume: bool):
     return outcome, time.perf_counter() - t0
 
 
-def _import_ray():
+def import_ray():
     try:
         import ray
     except ImportError:
@@ -49,14 +49,14 @@ def _import_ray():
     return ray
 
 
-def sweep_on_ray(plan: dict, ctx: _Context, *, address: str | None = None, cpus_per_run: float = 1.0,
+def sweep_on_ray(plan: dict, ctx: SweepContext, *, address: str | None = None, cpus_per_run: float = 1.0,
                  gpus_per_run: float | None = None) -> int:
     """Run every pending run of ``plan`` on a Ray cluster; returns the number executed.
 
     ``address``: an existing cluster ("auto", "ray://host:10001", …); default: one started on this machine
     for the bench and shut down after it. ``gpus_per_run`` defaults to 1 when the runs use CUDA, else 0.
     """
-    ray = _import_ray()
+    ray = import_ray()
     if gpus_per_run is None:
         gpus_per_run = 0.0 if ctx.device == "cpu" else _cuda_gpus()
     started_here = not ray.is_initialized()
@@ -70,7 +70,7 @@ def sweep_on_ray(plan: dict, ctx: _Context, *, address: str | None = None, cpus_
         spec = ctx.spec(cell)
         label, job = select_job(cell, sel, spec, ctx)
         ref = train.remote(job, backbone_ref, cell, spec, "select", False)
-        in_flight[ref] = ("select", (cell, sel), label, _now())
+        in_flight[ref] = ("select", (cell, sel), label, utc_now())
 
     def submit_finals(cell: dict) -> None:
         for final in final_runs(cell, ctx):

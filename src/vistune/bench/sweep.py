@@ -43,7 +43,7 @@ EFFICIENCY_PROTOCOL = {"steps": 10, "warmup": 3}  # timed steps (median) after w
 CLI_SETTINGS = ("epochs", "lr_grid", "wd_grid", "seeds", "image_size", "batch_size", "test_size")
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -351,9 +351,9 @@ def run_bench(suite: str | Path | Suite, methods: list[str] | str, backbone, out
     if executor not in ("local", "ray"):
         raise VistuneError(f"unknown executor {executor!r}", "use local or ray")
     if executor == "ray":
-        from .ray_executor import _import_ray
+        from .ray_executor import import_ray
 
-        _import_ray()  # fail before loading anything
+        import_ray()  # fail before loading anything
     console = console or Console()
     out = Path(out)
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
@@ -384,7 +384,7 @@ def run_bench(suite: str | Path | Suite, methods: list[str] | str, backbone, out
             backbone = load_backbone(backbone, checkpoint=checkpoint, random_init=random_init,
                                      model_kwargs=model_kwargs)
         plan = build_plan(suite, chosen_tasks, methods, backbone, cli=cli, method_sets=method_sets)
-        store.add_bench(_now(), command or "python: vistune.bench.run_bench", plan)
+        store.add_bench(utc_now(), command or "python: vistune.bench.run_bench", plan)
         commit, dirty = git_commit()
         summary = _sweep(plan, suite, root, backbone, out, store, device=device, progress=progress,
                          console=console, commit=commit, dirty=dirty, executor=executor, ray_options=ray_options)
@@ -410,10 +410,11 @@ def measure_methods(plan: dict, backbone, store: Store, *, device: str, console:
     except VistuneError:
         spec = None  # a backbone a child process cannot rebuild (e.g. non-JSON model kwargs): measure here
     where = device_name(resolve_device(device))
+    trained = [r for r in store.rows() if r["status"] == "ok"]
     measured = 0
     for method in plan["methods"]:
         cell = next(c for c in plan["cells"] if c["method"] == method)
-        rows = [r for r in store.rows() if r["method"] == method and r["task"] == cell["task"] and r["status"] == "ok"]
+        rows = [r for r in trained if r["method"] == method and r["task"] == cell["task"]]
         if not rows:
             continue  # nothing trained (all diverged): no class count to build the head with
         num_classes = json.loads(rows[0]["config"])["num_classes"]
@@ -432,7 +433,7 @@ def measure_methods(plan: dict, backbone, store: Store, *, device: str, console:
         else:
             result = {**measure_efficiency(backbone, method, cell["options"], num_classes, **kwargs),
                       "process": "bench (shared)"}
-        store.insert_efficiency(key, method, plan["backbone"]["name"], result, _now())
+        store.insert_efficiency(key, method, plan["backbone"]["name"], result, utc_now())
         measured += 1
     return measured
 
@@ -464,7 +465,7 @@ def _sweep(plan: dict, suite: Suite, root, backbone, out: Path, store: Store, *,
     if pending < total_runs:
         console.print(f"resuming: {total_runs - pending} of {total_runs} runs are already in {out / STORE}")
     display = _Display(console, pending, progress)
-    ctx = _Context(suite=suite, root=root, backbone=backbone, out=out, store=store, device=device, display=display,
+    ctx = SweepContext(suite=suite, root=root, backbone=backbone, out=out, store=store, device=device, display=display,
                    commit=commit, dirty=dirty)
     try:
         if executor == "ray":
@@ -480,7 +481,7 @@ def _sweep(plan: dict, suite: Suite, root, backbone, out: Path, store: Store, *,
 
 
 @dataclasses.dataclass
-class _Context:
+class SweepContext:
     """What every run of a sweep shares, whichever executor runs it."""
     suite: Suite
     root: str | None
@@ -496,7 +497,7 @@ class _Context:
         return self.suite.data_spec({t.name: t for t in self.suite.tasks}[cell["task"]], self.root)
 
 
-def _sweep_in_process(plan: dict, ctx: _Context) -> int:
+def _sweep_in_process(plan: dict, ctx: SweepContext) -> int:
     """Runs one after another in this process; each task's data is decoded once per phase."""
     cells_by_task: dict[str, list[dict]] = {}
     for cell in plan["cells"]:
@@ -511,7 +512,7 @@ def _sweep_in_process(plan: dict, ctx: _Context) -> int:
             for cell, sel in todo:
                 label, job = select_job(cell, sel, spec, ctx)
                 ctx.display.describe(label)
-                started, t0 = _now(), time.perf_counter()
+                started, t0 = utc_now(), time.perf_counter()
                 outcome = execute(job, ctx.backbone, data, on_step=ctx.display.run_bar(label))
                 record_select(cell, sel, outcome, ctx, label=label, started=started,
                               seconds=time.perf_counter() - t0)
@@ -600,23 +601,23 @@ def _row(cell, phase, key, lr, wd, seed, metrics, *, started, finished, commit, 
     }
 
 
-def select_job(cell: dict, sel: dict, spec: str, ctx: _Context) -> tuple[str, Job]:
+def select_job(cell: dict, sel: dict, spec: str, ctx: SweepContext) -> tuple[str, Job]:
     label = f"select {cell['task']}/{cell['method']} lr={_fmt(sel['lr'])} wd={_fmt(sel['wd'])}"
     return label, _job(cell, spec, ctx.backbone, lr=sel["lr"], wd=sel["wd"], seed=sel["seed"], device=ctx.device,
                        final=False)
 
 
-def record_select(cell: dict, sel: dict, outcome, ctx: _Context, *, label: str, started: str,
+def record_select(cell: dict, sel: dict, outcome, ctx: SweepContext, *, label: str, started: str,
                   seconds: float) -> None:
     metrics, status, error = outcome
     assert metrics is None or metrics["test_accuracy"] is None, "selection must never evaluate test"
     ctx.store.insert(_row(cell, "select", sel["key"], sel["lr"], sel["wd"], sel["seed"], metrics, started=started,
-                          finished=_now(), commit=ctx.commit, dirty=ctx.dirty, status=status, error=error))
+                          finished=utc_now(), commit=ctx.commit, dirty=ctx.dirty, status=status, error=error))
     result = f"val {metrics['val_accuracy']:.4f}" if metrics else "[yellow]diverged[/]"
     ctx.display.finished(f"{label}: {result} ({seconds:.0f} s)", seconds)
 
 
-def final_runs(cell: dict, ctx: _Context) -> list[dict]:
+def final_runs(cell: dict, ctx: SweepContext) -> list[dict]:
     """The final runs a cell still needs (none while its selection is incomplete). Prepares each run's
     folder: recovers a run that finished before its row was stored, sets aside a folder of other settings."""
     rows = ctx.store.get_many([s["key"] for s in cell["select"]])
@@ -636,21 +637,21 @@ def final_runs(cell: dict, ctx: _Context) -> list[dict]:
     return out
 
 
-def _prepare_final(cell: dict, best: dict, seed: int, ctx: _Context) -> dict | None:
+def _prepare_final(cell: dict, best: dict, seed: int, ctx: SweepContext) -> dict | None:
     lr, wd = best["lr"], best["wd"]
     key = final_key(cell, lr, wd, seed)
     rel = Path(RUNS) / cell["task"] / cell["method"] / f"seed{seed}"
     run_dir = ctx.out / rel
     label = f"final  {cell['task']}/{cell['method']} lr={_fmt(lr)} wd={_fmt(wd)} seed={seed}"
     final = {"cell": cell, "key": key, "lr": lr, "wd": wd, "seed": seed, "rel": rel, "label": label,
-             "resume": False, "started": _now()}
+             "resume": False, "started": utc_now()}
     if run_dir.exists():
         marker = _read_marker(run_dir)
         if marker.get("run_key") == key:
             if (run_dir / METRICS).exists():  # finished, but the process died before the row was committed
                 metrics = read_metrics(run_dir)
                 ctx.store.insert(_row(cell, "final", key, lr, wd, seed, metrics, started=marker.get("started_at"),
-                                      finished=_now(), commit=ctx.commit, dirty=ctx.dirty, artifact_dir=str(rel)))
+                                      finished=utc_now(), commit=ctx.commit, dirty=ctx.dirty, artifact_dir=str(rel)))
                 ctx.display.finished(f"{label}: {_test_text(metrics)} (recovered from {rel})", 0.0)
                 return None
             final["resume"] = (run_dir / STATE_FILE).exists()  # interrupted mid-training: continue from its checkpoint
@@ -665,11 +666,11 @@ def _prepare_final(cell: dict, best: dict, seed: int, ctx: _Context) -> dict | N
     return final
 
 
-def record_final(final: dict, outcome, ctx: _Context, *, seconds: float) -> None:
+def record_final(final: dict, outcome, ctx: SweepContext, *, seconds: float) -> None:
     metrics, status, error = outcome
     cell = final["cell"]
     ctx.store.insert(_row(cell, "final", final["key"], final["lr"], final["wd"], final["seed"], metrics,
-                          started=final["started"], finished=_now(), commit=ctx.commit, dirty=ctx.dirty,
+                          started=final["started"], finished=utc_now(), commit=ctx.commit, dirty=ctx.dirty,
                           status=status, error=error, artifact_dir=str(final["rel"]) if metrics else None))
     result = (f"{_test_text(metrics)}, {metrics['artifact_bytes'] / 1024:.0f} KiB" if metrics
               else "[yellow]diverged[/]")

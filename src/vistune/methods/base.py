@@ -236,9 +236,14 @@ def resolve_method(name: str) -> tuple[MethodInfo, dict[str, object]]:
     )
 
 
-def make_config(name: str, overrides: dict[str, object] | None = None) -> MethodConfig:
+def make_config(name: str, overrides: dict[str, object] | None = None, image_size: int | None = None) -> MethodConfig:
+    """The config of method ``name`` with ``overrides``. ``image_size``: the input size, given to methods that
+    size parameters by the input (their ``image_size`` option) when the overrides leave it unset."""
     info, implied = resolve_method(name)
-    return info.config_class.from_overrides({**implied, **(overrides or {})}, info.name)
+    config = info.config_class.from_overrides({**implied, **(overrides or {})}, info.name)
+    if image_size is not None and getattr(config, "image_size", "absent") is None:
+        config.image_size = image_size
+    return config
 
 
 def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int,
