@@ -136,7 +136,7 @@ def test_swin_prompted_attention_matches_naive_math(tiny_backbones):
     mask[1, :, : n // 2] = -100.0
     with torch.no_grad():
         got = wrapped(x, mask)
-        prompts = wrapped.norm(wrapped.prompts[0])
+        prompts = wrapped.norm(wrapped.prompts.value)
         heads = a.num_heads
         q, k, v = a.qkv(x).reshape(4, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
         _, pk, pv = a.qkv(prompts).reshape(3, 3, heads, -1).permute(1, 2, 0, 3)

@@ -45,7 +45,7 @@ def save_artifact(model: Method, out_dir: str | os.PathLike, *, class_names: lis
         "method": model.info.name,
         "config": model.config.to_dict(),
         "num_classes": model.num_classes,
-        "task": getattr(model, "task", "classification"),  # segmentation: the head is the FPN decoder
+        "task": model.task,  # segmentation: the head is the FPN decoder
         "class_names": list(class_names),
         "backbone": {**backbone.spec.to_dict(), "family": backbone.family,
                      "fingerprint": backbone.fingerprint()},

@@ -2,10 +2,10 @@
 
 ``merge(model)`` gives a plain timm model — the stock module types, the stock parameter count, so
 exactly the bare backbone's inference cost — with the method's head as timm's own classifier, that
-computes the adapted model's logits. It works for every method whose change lives in the backbone's
-weights: LoRA, DoRA, IA3, LN-tuning (peft layers, merged by peft's per-layer ``merge``), SSF (scale
-and shift folded into the op's weight and bias), and trivially bias / partial / full / linear. Methods
-that add modules or tokens (adapters, prompts, side networks) cannot merge and are refused.
+computes the adapted model's logits. It works for every method that declares ``mergeable`` (the Method
+contract): its change lives in the backbone's weights, and every module it wraps in is a peft layer (merged by
+peft's per-layer ``merge``) or :class:`~vistune.methods.Foldable` (it knows its merged form: the split qkv,
+SSF's scale and shift). Methods that add modules or tokens (adapters, prompts, side networks) are refused.
 
 All work happens on a deep copy (own tensors), so neither the adapted model nor the frozen backbone
 it shares tensors with is ever modified.
@@ -33,21 +33,27 @@ from torch import nn
 
 from ._io import atomic_dir, atomic_write
 from .errors import VistuneError
-from .methods import Method
+from .methods import METHODS, Foldable, Method
 from .methods.peft_common import ADAPTER_NAME, QKV, FusedSlice, PeftMethod, SplitQKV, exact_names, require_peft
-from .methods.ssf import ScaleShift
 
 PEFT_EXPORT_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}  # save_pretrained writes
-FOLDABLE = (FusedSlice, SplitQKV, ScaleShift)  # vistune's wrappers that know their merged form
+
+
+def mergeable_methods() -> list[str]:
+    return sorted(n for n, i in METHODS.items() if i.method_class.mergeable)
+
+
+def peft_methods() -> list[str]:
+    return sorted(n for n, i in METHODS.items() if issubclass(i.method_class, PeftMethod))
 
 
 def merge(model: Method) -> nn.Module:
     """A plain timm model (eval mode, frozen) whose logits equal ``model``'s."""
     name = model.info.name
-    if type(model).features is not Method.features or type(model).forward is not Method.forward \
-            or not isinstance(model.head, nn.Linear):
+    works_for = f"merge works for {', '.join(mergeable_methods())}"
+    if not model.mergeable or model.task != "classification" or not isinstance(model.head, nn.Linear):
         raise VistuneError(f"method {name!r} computes more than the backbone and a linear head: it cannot merge",
-                           "merge works for lora, dora, ia3, ln-tuning, ssf, bias, partial, full and linear")
+                           works_for)
     require_peft()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -60,7 +66,7 @@ def merge(model: Method) -> nn.Module:
         if isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
             return module.get_base_layer()
-        return module.merged() if isinstance(module, FOLDABLE) else module
+        return module.merged() if isinstance(module, Foldable) else module
 
     merged = fold(copy.deepcopy(model.backbone.model))
     merged.__dict__.pop("peft_config", None)  # set by peft's injection
@@ -70,8 +76,7 @@ def merge(model: Method) -> nn.Module:
     if foreign or n_params != model.backbone.num_params():
         raise VistuneError(
             f"method {name!r} leaves modules the stock model does not have ({', '.join(foreign) or 'none'}; "
-            f"{n_params:,} vs {model.backbone.num_params():,} parameters): it cannot merge",
-            "merge works for lora, dora, ia3, ln-tuning, ssf, bias, partial, full and linear")
+            f"{n_params:,} vs {model.backbone.num_params():,} parameters): it cannot merge", works_for)
     _attach_head(merged, model)
     return merged.eval().requires_grad_(False)
 
@@ -187,7 +192,7 @@ def export_peft(model: Method, out_dir: str | os.PathLike) -> Path:
     Load with ``PeftModel.from_pretrained(timm.create_model(arch, pretrained=True, num_classes=N), out_dir)``."""
     if not isinstance(model, PeftMethod):
         raise VistuneError(f"method {model.info.name!r} is not a peft method: there is no peft format for it",
-                           "--peft works for lora, dora, ia3 and ln-tuning; use --merged FILE for a plain timm model")
+                           f"--peft works for {', '.join(peft_methods())}; use --merged FILE for a plain timm model")
     peft = require_peft()
     groups = _fused_groups(model)
     stock = _stock_copy(model)

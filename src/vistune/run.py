@@ -22,7 +22,7 @@ from .backbones import BackboneView, load_backbone
 from .data import DataSplits, build_transforms, load_data
 from .data.segmentation import SEG_BUILTINS, is_segmentation_data, load_segmentation_data, seg_transforms
 from .errors import VistuneError
-from .methods import adapt, count_parameters, make_config
+from .methods import MethodConfig, adapt, count_parameters, make_config
 from .training import TrainConfig, distributed, evaluate, train
 from .training.trainer import resolve_device
 
@@ -108,6 +108,46 @@ def check_out_dir(out: Path, resume: bool) -> None:
         )
 
 
+@dataclass
+class JobSetup:
+    """What a job resolves to before any training: shared by :func:`run_job` and ``vistune calibrate``."""
+
+    job: Job
+    backbone: BackboneView
+    preprocessing: dict
+    data: DataSplits
+    config: MethodConfig
+    device: torch.device
+
+
+def _method_config(job: Job, image_size: int | None) -> MethodConfig:
+    return make_config(job.method, job.overrides, image_size=image_size)
+
+
+def prepare_job(job: Job, *, backbone: BackboneView | None = None, data: DataSplits | None = None,
+                augment: bool | None = None) -> JobSetup:
+    """Resolve a job: its method config (validated before any slow loading), device, backbone, preprocessing and
+    data splits. ``augment=False`` loads the training split with the eval transform (calibration passes)."""
+    config = _method_config(job, job.image_size)  # fails fast on a bad option; built once when sized by --image-size
+    device = resolve_device(job.train.device)
+    if backbone is None:
+        backbone = load_backbone(job.backbone, checkpoint=job.checkpoint, random_init=job.random_init,
+                                 model_kwargs=job.model_kwargs)
+    prep = preprocessing_for(backbone, job)
+    if augment is not None:
+        prep = {**prep, "augment": augment}
+    if job.image_size is None and "image_size" in config.to_dict():
+        config = _method_config(job, prep["image_size"])  # an input-sized method gets the backbone's size
+    if data is None:
+        if job.task != "segmentation" and is_segmentation_data(job.data):
+            raise VistuneError(f"{job.data!r} is a segmentation data set ({', '.join(SEG_BUILTINS)})",
+                               "add --task segmentation")
+        make_transforms, load = data_for_task(job.task)
+        train_tf, eval_tf = make_transforms(prep)
+        data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
+    return JobSetup(job, backbone, prep, data, config, device)
+
+
 def run_job(job: Job, *, resume: bool = False, progress: bool = True,
             backbone: BackboneView | None = None, data: DataSplits | None = None, on_step=None) -> dict:
     """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``.
@@ -116,21 +156,10 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     progress = progress and distributed.is_main()
     if out is not None:
         check_out_dir(out, resume)
-    make_config(job.method, job.overrides)  # validate the options before any slow loading
-    device = resolve_device(job.train.device)
-    if backbone is None:
-        backbone = load_backbone(job.backbone, checkpoint=job.checkpoint, random_init=job.random_init,
-                                 model_kwargs=job.model_kwargs)
-    prep = preprocessing_for(backbone, job)
+    setup = prepare_job(job, backbone=backbone, data=data)
+    backbone, prep, data, config, device = setup.backbone, setup.preprocessing, setup.data, setup.config, setup.device
     segmentation = job.task == "segmentation"
-    make_transforms, load = data_for_task(job.task)
-    if data is None:
-        if not segmentation and is_segmentation_data(job.data):
-            raise VistuneError(f"{job.data!r} is a segmentation data set ({', '.join(SEG_BUILTINS)})",
-                               "add --task segmentation")
-        train_tf, eval_tf = make_transforms(prep)
-        data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
-    config = make_config(job.method, job.overrides, image_size=prep["image_size"])
+    make_transforms = data_for_task(job.task)[0]
     torch.manual_seed(job.train.seed)  # the method's own initialisation
     model = adapt(backbone, config, num_classes=len(data.class_names), task=job.task)
     if device.type == "cuda":
@@ -190,4 +219,4 @@ def read_metrics(out: str | Path) -> dict:
     return json.loads((Path(out) / METRICS).read_text())
 
 
-__all__ = ["Job", "run_job", "read_metrics", "preprocessing_for", "transforms_for", "artifact_bytes"]
+__all__ = ["Job", "JobSetup", "prepare_job", "run_job", "read_metrics", "preprocessing_for", "transforms_for", "artifact_bytes"]

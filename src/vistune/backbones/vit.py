@@ -5,6 +5,8 @@ CLIP-style ``norm_pre`` by using timm's own ``_pos_embed``/``norm_pre``/``forwar
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -35,7 +37,8 @@ class ViTView(BackboneView):
         return {k: m for k, m in mods.items() if any(True for _ in m.parameters())}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels → token sequence [prefix tokens, patches] after the positional embedding."""
+        """Pixels → the stock input of block 1: [prefix tokens, patches] after the positional embedding and
+        ``norm_pre`` (token tuners use :meth:`forward_tokens`)."""
         m = self.model
         x = m.patch_embed(x)
         x = m._pos_embed(x)
@@ -49,20 +52,31 @@ class ViTView(BackboneView):
         pe = self.model.patch_embed
         return pe.norm(pe.proj(pixels).flatten(2).transpose(1, 2))
 
-    def forward_with_extra_tokens(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        """The frozen forward with position-free tokens ``extra`` (B, T, D) after the prefix tokens.
+    def forward_tokens(self, x: torch.Tensor, prompts: torch.Tensor,
+                       layer_prompts: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """THE seam of token tuners: the frozen forward with position-free prompt tokens.
 
-        They enter after the positional embedding and before ``norm_pre``, and their outputs are
-        dropped before the final norm and pooling."""
+        ``prompts`` (B, P, D) enter after the positional embedding, after all prefix tokens, *before*
+        ``norm_pre``: they are tokens of the input sequence like the patch tokens (so on CLIP-style towers, whose
+        ``norm_pre`` is a real LayerNorm, they go through it as MaPLe's CLIP prompts do; on every other ViT
+        ``norm_pre`` is the identity). This is also the only placement under which PGN's prompts deployed as extra
+        pixel patches (``forward_with_extra_patches``) compute the same function. ``layer_prompts(i)`` (VPT-deep),
+        if given, replaces the previous block's prompt outputs before block i ≥ 1 with (B, P, D) new prompts in
+        the residual stream. The prompts' outputs are dropped before the final norm and pooling. Returns the
+        pooled feature (B, D)."""
         m = self.model
         tokens = m.patch_drop(m._pos_embed(m.patch_embed(x)))
-        n = self.num_prefix_tokens
-        tokens = m.blocks(m.norm_pre(torch.cat([tokens[:, :n], extra, tokens[:, n:]], dim=1)))
-        return self.head_features(torch.cat([tokens[:, :n], tokens[:, n + extra.shape[1]:]], dim=1))
+        n, p = self.num_prefix_tokens, prompts.shape[1]
+        seq = m.norm_pre(torch.cat([tokens[:, :n], prompts, tokens[:, n:]], dim=1))
+        for i, block in enumerate(m.blocks):
+            if layer_prompts is not None and i > 0:
+                seq = torch.cat([seq[:, :n], layer_prompts(i), seq[:, n + p:]], dim=1)
+            seq = block(seq)
+        return self.head_features(torch.cat([seq[:, :n], seq[:, n + p:]], dim=1))
 
     def forward_with_extra_patches(self, x: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """The frozen forward from pixels only: the image plus extra position-free pixel patches."""
-        return self.forward_with_extra_tokens(x, self.patch_tokens(pixels))
+        return self.forward_tokens(x, self.patch_tokens(pixels))
 
     def head_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final norm and timm's own pooling (CLS, avg over patches, map…) → (B, D)."""

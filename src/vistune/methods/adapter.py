@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones.base import replace_module
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import MethodConfig, ModuleTuner, option, register
 
 
 @dataclass
@@ -66,12 +66,12 @@ class AdaptedOutput(nn.Module):
 
 @register("adapter", category="adapter",
           description="Pfeiffer adapter after each FFN (ViT/Swin) or a 1x1-conv bottleneck after each block (CNN)")
-class Adapter(Method):
+class Adapter(ModuleTuner):
     Config = AdapterConfig
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
+    def attach(self):
+        backbone, config = self.backbone, self.config
         if backbone.family == "cnn":
             blocks = backbone.blocks()
             names = backbone.module_names(blocks)
@@ -82,4 +82,3 @@ class Adapter(Method):
             for block in backbone.blocks():
                 dim = block.mlp.fc2.out_features
                 block.mlp = AdaptedOutput(block.mlp, Bottleneck(dim, config.reduction, config.init, False))
-        self.head = self.make_linear_head()

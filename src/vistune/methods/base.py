@@ -6,10 +6,13 @@ backbone view that shares every frozen tensor, so the caller's backbone is never
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -29,26 +32,35 @@ def option(default, help: str, **kwargs):
 
 @dataclass
 class MethodConfig:
-    """Base of every method's config; ``head_init`` is shared by all classification heads."""
+    """Base of every method's config: fields made with :func:`option`, checked in :meth:`validate`.
+
+    ``method`` links a config to its registered method (as PEFT's ``peft_type``): several methods may share one
+    config class (vpt-shallow and vpt-deep, lora and dora), so the type alone does not say which method it
+    configures. It is keyword-only, not an option, and not part of :meth:`to_dict`. A config is validated once,
+    when it is built (``__post_init__``), so an invalid config never exists."""
+
+    method: str | None = field(default=None, kw_only=True, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Raise VistuneError for out-of-range values; subclasses extend."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options (what an artifact stores and ``make_config`` takes back)."""
+        return {f.name: getattr(self, f.name) for f in option_fields(type(self))}
 
     @classmethod
     def fields_help(cls) -> dict[str, tuple[str, object, str]]:
         hints = typing.get_type_hints(cls)
-        return {
-            f.name: (_type_name(hints[f.name]), _default(f), f.metadata.get("help", ""))
-            for f in dataclasses.fields(cls)
-        }
+        return {f.name: (_type_name(hints[f.name]), _default(f), f.metadata.get("help", ""))
+                for f in option_fields(cls)}
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, object], method: str) -> "MethodConfig":
-        """Build from ``--set key=value`` strings (or already-typed values)."""
-        valid = {f.name: f for f in dataclasses.fields(cls)}
+        """Build (and so validate) from ``--set key=value`` strings (or already-typed values)."""
+        valid = {f.name: f for f in option_fields(cls)}
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in overrides.items():
@@ -58,9 +70,12 @@ class MethodConfig:
                     f"valid keys: {', '.join(valid) or '(none)'}",
                 )
             kwargs[key] = _coerce(value, hints[key], f"{method}.{key}")
-        config = cls(**kwargs)
-        config.validate()
-        return config
+        return cls(method=method, **kwargs)
+
+
+def option_fields(cls: type[MethodConfig]) -> list[dataclasses.Field]:
+    """A config's options: every dataclass field but the ``method`` link."""
+    return [f for f in dataclasses.fields(cls) if f.name != "method"]
 
 
 def _default(f: dataclasses.Field):
@@ -75,7 +90,7 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "|".join(str(a) for a in typing.get_args(tp))
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args and typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
         return _type_name(args[0]) + "?"
     return getattr(tp, "__name__", str(tp))
 
@@ -107,14 +122,72 @@ def _coerce(value, tp, where: str):
     raise VistuneError(f"{where}: cannot parse {value!r} as {tp}")
 
 
+
+class Borrowed:
+    """A reference to a module or tensor that another module owns (and saves).
+
+    An attribute holding a module registers it as a child; wrapping it in ``Borrowed`` does not, so a module
+    shared between a method and the wrappers it puts into the backbone appears once in ``state_dict()`` and
+    ``parameters()`` (under the method), and ``.to()`` moves it once."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+class Foldable(abc.ABC):
+    """A module vistune wraps into a backbone that knows its merged form (for :mod:`vistune.merge`)."""
+
+    @abc.abstractmethod
+    def merged(self) -> nn.Module:
+        """A stock torch/timm module computing the same function (a copy: the frozen tensors are not touched)."""
+
+
 class Method(nn.Module):
-    """An adapted model: a frozen backbone view, the method's few parameters, and a head."""
+    """An adapted model: a frozen backbone view, the method's few parameters, and a head.
+
+    **The contract.** A method is a subclass registered with :func:`register`. It declares, as class attributes:
+
+    ``Config``
+        its :class:`MethodConfig` subclass (default: no options).
+    ``default_optimizer``
+        ``"sgd"`` (VPT's recipe: momentum 0.9) or ``"adamw"``; ``--optimizer`` overrides it.
+    ``default_lrs``
+        base learning rate per optimizer (before the trainer's ``× batch/256``); optimizers it leaves out use the
+        trainer's default for that optimizer.
+    ``default_warmup_fraction``
+        warm-up length as a fraction of the epochs, when ``--warmup-epochs`` is not given.
+    ``head_only``
+        True when nothing but the head trains and the head reads the pooled frozen feature (linear, mlp): the
+        trainer may then compute the frozen features once (the feature cache).
+    ``supports_segmentation``
+        may ``adapt(..., task="segmentation")`` put an FPN decoder over this method's backbone? (methods that
+        add tokens, pad the input, calibrate on image labels or train on pooled features say no).
+    ``mergeable``
+        can :func:`vistune.merge.merge` fold it into a plain timm model (its change lives in the backbone's
+        weights; every wrapper it adds is :class:`Foldable` or a peft layer)?
+    ``deployable``
+        does it have an input-only deploy mode (``model.deploy = True``; PGN's prompts as pixels)?
+
+    and implements :meth:`attach` (build its parameters, wrap modules of ``self.backbone`` — the method's own
+    copy of the module tree, which shares every frozen tensor with the caller's backbone). It may override
+    :meth:`build_head` (default: a linear head on the pooled feature), :meth:`features` (default: the backbone's
+    own pooled feature), :meth:`tuned_backbone_parameters`, :meth:`backbone_train_modules` and :meth:`prepare`.
+    Two kinds of method change the backbone, and say so by subclassing :class:`ModuleTuner` or
+    :class:`TokenTuner` (a method may be both where a family demands it). Every tensor that is not a shared
+    frozen backbone tensor is saved in the artifact automatically.
+    """
 
     info: ClassVar["MethodInfo"]
-    Config: ClassVar[type[MethodConfig]]
-    # may ``adapt(..., task="segmentation")`` put an FPN decoder (methods/decoder.py) over this method's
-    # backbone? False for methods that add tokens, pad the input, calibrate on class labels or cache features
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    default_optimizer: ClassVar[Literal["sgd", "adamw"]] = "sgd"
+    default_lrs: ClassVar[Mapping[str, float]] = {}
+    default_warmup_fraction: ClassVar[float] = 0.1  # VPT: 10 of 100 epochs
+    head_only: ClassVar[bool] = False
     supports_segmentation: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    deployable: ClassVar[bool] = False
     task: str = "classification"  # set by adapt(); "segmentation": head = FPN decoder, logits (B, K, H, W)
 
     def __init__(self, backbone: BackboneView, config: MethodConfig, num_classes: int):
@@ -122,8 +195,17 @@ class Method(nn.Module):
         self.backbone = backbone
         self.config = config
         self.num_classes = num_classes
+        self.attach()
+        self.head = self.build_head()  # after attach(): its parameters are drawn from the RNG last
 
-    # ---- what subclasses may override -----------------------------------------------------
+    # ---- what subclasses implement / may override ------------------------------------------
+    def attach(self) -> None:
+        """Build the method's parameters and put its modules into ``self.backbone`` (default: nothing)."""
+
+    def build_head(self) -> nn.Module:
+        """The classification head (default: linear on the pooled feature, trunc-normal 0.01, zero bias)."""
+        return self.make_linear_head()
+
     @classmethod
     def tuned_backbone_parameters(cls, backbone: BackboneView, config) -> set[str]:
         """Names of backbone parameters this method trains (cloned before training)."""
@@ -139,6 +221,7 @@ class Method(nn.Module):
         ``train_set`` yields un-augmented (image, label) pairs of the training split."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch → the pooled feature (B, feature_dim) the head reads."""
         return self.backbone.forward_features(x)
 
     def dense_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -153,6 +236,11 @@ class Method(nn.Module):
         return self.head(self.features(x))
 
     # ---- shared behaviour -----------------------------------------------------------------
+    @property
+    def trains_head_only(self) -> bool:
+        """True when only a head on the pooled frozen feature trains, so the frozen features can be cached."""
+        return self.head_only and self.task == "classification"
+
     def make_linear_head(self, in_dim: int | None = None) -> nn.Linear:
         head = nn.Linear(in_dim or self.backbone.feature_dim, self.num_classes)
         nn.init.trunc_normal_(head.weight, std=0.01)
@@ -191,6 +279,37 @@ class Method(nn.Module):
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if k in frozen}
 
 
+class ModuleTuner(Method):
+    """A method that changes the backbone's modules, in its own copy of the module tree.
+
+    It tunes some of the backbone's own parameters (:meth:`tuned_backbone_parameters`; they are cloned first),
+    and/or wraps or replaces backbone modules (adapters, peft layers, prompt blocks, scale-shift ops). The
+    backbone's own forward runs over the changed modules, so every seam of the backbone — the pooled feature,
+    timm's ``forward_intermediates`` for segmentation — sees the change, whatever the family."""
+
+
+class TokenTuner(Method):
+    """A method that adds tokens to the token sequence of a token family (ViT & kin).
+
+    It reaches the sequence only through the view's one seam, ``view.forward_tokens(x, prompts, layer_prompts)``
+    (:class:`~vistune.backbones.vit.ViTView`): the prompts enter after the positional embedding, after all prefix
+    tokens, before ``norm_pre``, and never reach the final norm or pooling. Such a model has no feature maps
+    without its prompts and no merged form: token tuners neither segment nor merge."""
+
+    token_families: ClassVar[tuple[str, ...]] = ("vit",)
+
+
+class InputTuner(Method):
+    """A method that changes only the input image (VPT's pad prompts): the frozen backbone runs unchanged on it."""
+
+
+class SideTuner(Method):
+    """A method that runs a trainable second network beside the frozen backbone and blends the two features."""
+
+
+TUNER_KINDS = {"token": TokenTuner, "module": ModuleTuner, "input": InputTuner, "side": SideTuner}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
@@ -203,8 +322,38 @@ class MethodInfo:
     def config_class(self) -> type[MethodConfig]:
         return self.method_class.Config
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """How the method changes the frozen model: "head" (only a head trains), or the :data:`TUNER_KINDS` it
+        subclasses — "token", "module" (both for VPT: tokens on ViT, modules on Swin), "input", "side"."""
+        cls = self.method_class
+        return ("head",) if cls.head_only else tuple(k for k, base in TUNER_KINDS.items() if issubclass(cls, base))
+
 
 METHODS: dict[str, MethodInfo] = {}
+
+
+def _check_contract(name: str, cls: type[Method]) -> None:
+    """The class attributes of the contract (see :class:`Method`) are well-formed; a programming error if not."""
+    problems = []
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, MethodConfig)):
+        problems.append("Config must be a MethodConfig subclass")
+    if cls.default_optimizer not in ("sgd", "adamw"):
+        problems.append(f"default_optimizer {cls.default_optimizer!r} is not sgd or adamw")
+    if set(cls.default_lrs) - {"sgd", "adamw"} or any(v <= 0 for v in cls.default_lrs.values()):
+        problems.append(f"default_lrs {dict(cls.default_lrs)} must map sgd/adamw to positive lrs")
+    if not 0 <= cls.default_warmup_fraction < 1:
+        problems.append("default_warmup_fraction must be in [0, 1)")
+    if issubclass(cls, TokenTuner) and (cls.supports_segmentation or cls.mergeable):
+        problems.append("a TokenTuner can neither segment nor merge")
+    kinds = [k for k, base in TUNER_KINDS.items() if issubclass(cls, base)]
+    if cls.head_only and kinds:
+        problems.append(f"a head-only method changes nothing in the frozen model: it is no {kinds[0]} tuner")
+    if not cls.head_only and not kinds:
+        problems.append(f"say how it changes the frozen model: subclass one of {', '.join(t.__name__ for t in TUNER_KINDS.values())} "
+                        "(or set head_only = True)")
+    if problems:
+        raise TypeError(f"method {name!r} ({cls.__qualname__}) breaks the Method contract: {'; '.join(problems)}")
 
 
 def register(name: str, *, category: str, families: tuple[str, ...] = FAMILIES, description: str):
@@ -215,6 +364,7 @@ def register(name: str, *, category: str, families: tuple[str, ...] = FAMILIES, 
     def deco(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
+        _check_contract(name, cls)
         info = MethodInfo(name, cls, category, tuple(families), description)
         cls.info = info
         METHODS[name] = info
@@ -228,7 +378,7 @@ def resolve_method(name: str) -> tuple[MethodInfo, dict[str, object]]:
     if name in METHODS:
         return METHODS[name], {}
     base, _, k = name.rpartition("-")
-    if base in METHODS and k.isdigit() and "k" in {f.name for f in dataclasses.fields(METHODS[base].config_class)}:
+    if base in METHODS and k.isdigit() and "k" in {f.name for f in option_fields(METHODS[base].config_class)}:
         return METHODS[base], {"k": int(k)}
     raise VistuneError(
         f"unknown method {name!r}.{suggest(name, METHODS)}",
@@ -237,27 +387,47 @@ def resolve_method(name: str) -> tuple[MethodInfo, dict[str, object]]:
 
 
 def make_config(name: str, overrides: dict[str, object] | None = None, image_size: int | None = None) -> MethodConfig:
-    """The config of method ``name`` with ``overrides``. ``image_size``: the input size, given to methods that
-    size parameters by the input (their ``image_size`` option) when the overrides leave it unset."""
+    """The config of method ``name`` with ``overrides``, built and validated once. ``image_size``: the input size,
+    given to methods that size parameters by the input (their ``image_size`` option) when the overrides leave it
+    unset."""
     info, implied = resolve_method(name)
-    config = info.config_class.from_overrides({**implied, **(overrides or {})}, info.name)
-    if image_size is not None and getattr(config, "image_size", "absent") is None:
-        config.image_size = image_size
-    return config
+    overrides = {**implied, **(overrides or {})}
+    if image_size is not None and overrides.get("image_size") in (None, "none", "") and \
+            "image_size" in {f.name for f in option_fields(info.config_class)}:
+        overrides["image_size"] = image_size
+    return info.config_class.from_overrides(overrides, info.name)
+
+
+def method_of(config: MethodConfig) -> MethodInfo:
+    """The registered method a config configures: its ``method`` link, else the one method of its type."""
+    if config.method is not None:
+        info, _ = resolve_method(config.method)
+        if not isinstance(config, info.config_class):
+            raise VistuneError(f"config {type(config).__name__} does not configure method {config.method!r}",
+                               f"build it with make_config({config.method!r}, ...)")
+        return info
+    users = [i for i in METHODS.values() if i.config_class is type(config)]
+    if len(users) != 1:
+        names = ", ".join(i.name for i in users)
+        raise VistuneError(
+            f"{type(config).__name__} is " + (f"the config of several methods ({names})" if users else
+                                               "not the config of a registered method"),
+            "build it with make_config(name, ...) (or pass method=NAME), or pass the method's name to adapt()",
+        )
+    return users[0]
 
 
 def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int,
           task: str = "classification") -> Method:
     """Wrap a frozen backbone with a method and a ``num_classes`` head; the backbone is untouched.
 
+    ``config``: a method name (default options) or a config from :func:`make_config`.
     ``task="segmentation"``: the head is an FPN decoder over the backbone's multi-scale features
     (methods/decoder.py) and the model returns per-pixel logits (B, num_classes, H, W)."""
     from .decoder import TASKS
     if isinstance(config, str):
         config = make_config(config)
-    info = next((i for i in METHODS.values() if i.config_class is type(config)), None)
-    if info is None:
-        raise VistuneError(f"{type(config).__name__} is not the config of a registered method")
+    info = method_of(config)
     if backbone.family not in info.families:
         raise VistuneError(
             f"method {info.name!r} does not support the {backbone.family} family "
@@ -275,7 +445,6 @@ def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int,
             "image labels, or trains a head on pooled features only)",
             f"use one of: {', '.join(able)} (linear = frozen backbone + decoder only)",
         )
-    config.validate()
     tuned = info.method_class.tuned_backbone_parameters(backbone, config)
     view = backbone.clone_for_tuning(tuned)
     model = info.method_class(view, config, num_classes)
@@ -283,7 +452,6 @@ def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int,
         from .decoder import make_decoder
 
         model.task = task
-        model.trains_head_only = False  # the decoder reads feature maps: no pooled-feature cache
         model.head = make_decoder(model.backbone, num_classes)
     return model
 

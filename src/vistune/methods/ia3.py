@@ -7,21 +7,13 @@ The vectors start at one, so step 0 is the frozen model; merging multiplies them
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .base import register
-from .peft_common import PeftMethod, PeftMethodConfig, exact_names, require_peft
-
-
-@dataclass
-class IA3Config(PeftMethodConfig):
-    pass
+from .peft_common import PeftMethod, exact_names, require_peft
 
 
 @register("ia3", category="parameter",
           description="(IA)3 (peft): rescales k, v and the FFN hidden activation (CNN: conv outputs); mergeable")
 class IA3(PeftMethod):
-    Config = IA3Config
     default_targets = {"vit": "kv+fc2", "swin": "kv+fc2", "cnn": "dense"}
 
     def peft_config(self, targets):

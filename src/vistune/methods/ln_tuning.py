@@ -7,8 +7,6 @@ the frozen model; merging swaps the tuned copies in.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from ..errors import VistuneError
@@ -18,15 +16,10 @@ from .peft_common import PeftMethod, exact_names, require_peft
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
 
-@dataclass
-class LNTuningConfig(MethodConfig):
-    pass
-
-
 @register("ln-tuning", category="parameter",
           description="LN-tuning (peft): affine weight and bias of every LayerNorm (CNN: every norm); mergeable")
 class LNTuning(PeftMethod):
-    Config = LNTuningConfig
+    Config = MethodConfig  # no options: every norm layer is tuned
 
     def select_targets(self, backbone, config):
         found = {name: "norm" for name, m in backbone.model.named_modules()

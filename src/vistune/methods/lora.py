@@ -25,7 +25,7 @@ class LoRAConfig(PeftMethodConfig):
     rslora: bool = option(False, "rank-stabilised scaling alpha/√r (Kalajdzievski, 2023)")
 
     def validate(self):
-        name = type(self).__name__.removesuffix("Config").lower()
+        name = self.method or "lora"  # dora shares this config
         if self.r < 1:
             raise VistuneError(f"{name}: r={self.r} must be ≥ 1", "use e.g. --set r=8")
         if self.alpha is not None and self.alpha <= 0:

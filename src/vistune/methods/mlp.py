@@ -26,15 +26,15 @@ class MLPConfig(MethodConfig):
           description="MLP-k head on the frozen feature: (k-1)×[Linear,ReLU,BN,Dropout] + Linear (`mlp-3`)")
 class MLP(Method):
     Config = MLPConfig
-    trains_head_only = True  # the frozen feature can be computed once (feature cache)
+    head_only = True  # the frozen feature can be computed once (feature cache)
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
-        width = config.hidden_dim or backbone.feature_dim
+    def build_head(self) -> nn.Module:
+        config = self.config
+        width = config.hidden_dim or self.backbone.feature_dim
         layers: list[nn.Module] = []
-        in_dim = backbone.feature_dim
+        in_dim = self.backbone.feature_dim
         for _ in range(config.k - 1):
             layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.BatchNorm1d(width), nn.Dropout(config.dropout)]
             in_dim = width
         layers.append(self.make_linear_head(in_dim))
-        self.head = nn.Sequential(*layers)
+        return nn.Sequential(*layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import MethodConfig, ModuleTuner, option, register
 
 
 @dataclass
@@ -28,13 +28,10 @@ def _tuned_modules(backbone, k: int):
 
 @register("partial", category="fine-tuning",
           description="Partial-k: tune the last k blocks and the final norm (`partial-2` = k=2)")
-class Partial(Method):
+class Partial(ModuleTuner):
     Config = PartialConfig
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
-
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
-        self.head = self.make_linear_head()
+    mergeable = True
 
     @classmethod
     def tuned_backbone_parameters(cls, backbone, config):

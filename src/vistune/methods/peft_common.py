@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones.base import replace_module
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option
+from .base import Borrowed, Foldable, MethodConfig, ModuleTuner, option
 
 ADAPTER_NAME = "default"  # peft's adapter name; one adapter per vistune model
 QKV = ("q", "k", "v")
@@ -51,7 +51,7 @@ def require_peft():
     return peft
 
 
-class FusedSlice(nn.Linear):
+class FusedSlice(nn.Linear, Foldable):
     """Rows [start, stop) of a frozen fused Linear, as a Linear of its own.
 
     Its weight and bias are views read from the fused Linear on every access, so they follow the
@@ -60,16 +60,16 @@ class FusedSlice(nn.Linear):
     def __init__(self, fused: nn.Linear, start: int, stop: int):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no parameters of its own
         self.in_features, self.out_features = fused.in_features, stop - start
-        self._fused = [fused]  # a list keeps it out of this module's children (SplitQKV owns it)
+        self._fused = Borrowed(fused)  # SplitQKV owns it
         self._rows = slice(start, stop)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._fused[0].weight[self._rows]
+        return self._fused.value.weight[self._rows]
 
     @property
     def bias(self) -> torch.Tensor | None:
-        bias = self._fused[0].bias
+        bias = self._fused.value.bias
         return None if bias is None else bias[self._rows]
 
     def merged(self) -> nn.Linear:
@@ -83,7 +83,7 @@ class FusedSlice(nn.Linear):
         return plain.requires_grad_(False)
 
 
-class SplitQKV(nn.Module):
+class SplitQKV(nn.Module, Foldable):
     """A fused qkv Linear seen as three Linears ``q``, ``k``, ``v``; output = cat(q(x), k(x), v(x))."""
 
     def __init__(self, fused: nn.Linear):
@@ -178,19 +178,19 @@ class PeftMethodConfig(MethodConfig):
                                   "fc1 fc2 mlp all-linear; CNN: conv pointwise linear dense); auto = the method's")
 
 
-class PeftMethod(Method, abc.ABC):
+class PeftMethod(ModuleTuner, abc.ABC):
     """A frozen backbone with peft layers injected into the method's copy, and a linear head."""
 
+    Config = PeftMethodConfig
+    mergeable = True  # peft merges its layers; the split qkv folds back (Foldable)
     default_targets = {"vit": "qv", "swin": "qv", "cnn": "dense"}
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
-        self.targets = self.select_targets(backbone, config)
+    def attach(self):
+        self.targets = self.select_targets(self.backbone, self.config)
         with warnings.catch_warnings():
             # peft cannot read in/out features off a norm layer (LN-tuning) and warns; nothing is wrong
             warnings.filterwarnings("ignore", message="Unsupported layer type")
-            require_peft().inject_adapter_in_model(self.peft_config(self.targets), backbone.model, ADAPTER_NAME)
-        self.head = self.make_linear_head()
+            require_peft().inject_adapter_in_model(self.peft_config(self.targets), self.backbone.model, ADAPTER_NAME)
 
     def select_targets(self, backbone, config) -> dict[str, str]:
         """Module name → role of every module peft adapts."""

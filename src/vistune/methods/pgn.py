@@ -33,7 +33,8 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from ..backbones import load_backbone
+from .base import MethodConfig, TokenTuner, option, register
 
 RESNET10 = "resnet10"
 
@@ -77,8 +78,6 @@ def _make_generator(config: PGNConfig) -> nn.Module:
     if config.generator == RESNET10:
         return resnet10(config.generator_width)
     if config.generator_pretrained:
-        from ..backbones import load_backbone  # a timm name, offline package or hub
-
         net = load_backbone(config.generator).model
         net.requires_grad_(True)
         return net
@@ -111,12 +110,13 @@ def patch_projection(backbone) -> tuple[torch.Tensor, torch.Tensor]:
 @register("pgn", category="prompt", families=("vit",),
           description="PGN: a small CNN generates input-dependent prompts from a token library; "
                       "deployable as extra input pixel patches to the unmodified frozen ViT")
-class PGN(Method):
+class PGN(TokenTuner):
     Config = PGNConfig
-    default_lr = 0.8  # SGD: PGN's lr 0.1 at batch 32 after the trainer's lr × batch/256 scaling
+    default_lrs = {"sgd": 0.8}  # PGN's lr 0.1 at batch 32 after the trainer's lr × batch/256 scaling
+    deployable = True  # eval/predict --deploy: prompts as extra input pixel patches
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
+    def attach(self):
+        backbone, config = self.backbone, self.config
         weight, bias = patch_projection(backbone)
         d, patch_dim = weight.shape
         invertible = bool(torch.linalg.matrix_rank(weight.detach().double()) == d)
@@ -133,7 +133,6 @@ class PGN(Method):
             self.library = nn.Parameter(tokens)
         else:  # the least-squares pixel preimages of PGN's token init
             self.library = nn.Parameter((tokens - bias.detach()) @ torch.linalg.pinv(weight.detach().double()).T.float())
-        self.head = self.make_linear_head()
         self.deploy = False  # True: the frozen backbone runs from pixels only (eval/predict --deploy)
         self._pinv_cache: torch.Tensor | None = None
 
@@ -183,4 +182,4 @@ class PGN(Method):
                     "train with --set library_space=pixel (or auto) to deploy as pixels",
                 )
             return self.backbone.forward_with_extra_patches(x, self.prompt_pixels(x))
-        return self.backbone.forward_with_extra_tokens(x, self.prompt_tokens(x))
+        return self.backbone.forward_tokens(x, self.prompt_tokens(x))

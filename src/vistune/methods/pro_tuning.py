@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones.base import replace_module
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import MethodConfig, ModuleTuner, option, register
 
 
 @dataclass
@@ -93,12 +93,12 @@ class Prompted(nn.Module):
 @register("pro-tuning", category="prompt",
           description="Pro-tuning (our reading): input-dependent prompt blocks (1x1-dw kxk-1x1 conv, zero-init) "
                       "added at every CNN stage / before every k-th ViT or Swin block")
-class ProTuning(Method):
+class ProTuning(ModuleTuner):
     Config = ProTuningConfig
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
+    def attach(self):
+        backbone, config = self.backbone, self.config
         if backbone.family == "cnn":
             points = backbone.stages()
             dims = backbone.out_channels(points)
@@ -120,7 +120,6 @@ class ProTuning(Method):
                 extra = dict(num_prefix_tokens=backbone.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
             replace_module(model, names[i], Prompted(model.get_submodule(names[i]), block, layout, **extra))
         self.prompt_points = chosen
-        self.head = self.make_linear_head()
 
     def _chosen(self, n: int) -> list[int]:
         if self.config.stages == "all":

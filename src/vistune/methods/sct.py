@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..backbones import BackboneView
 from ..backbones.base import replace_module
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import Borrowed, MethodConfig, ModuleTuner, option, register
 
 PLACEMENTS = ("attn", "mlp")
 
@@ -156,15 +156,15 @@ class SCTBlock(nn.Module):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}")
         self.block, self.kind, self.placement = block, kind, placement
-        self._sct = [sct]  # owned (and saved) by the SCT method; a list keeps it out of this state_dict
+        self._sct = Borrowed(sct)  # owned (and saved) by the SCT method
         self.enabled = True
 
     @property
     def sct(self) -> SalientChannels | None:
-        return self._sct[0]
+        return self._sct.value
 
     def _tune(self, x: torch.Tensor) -> torch.Tensor:
-        return self._sct[0](x) if self.enabled and self._sct[0] is not None else x
+        return self.sct(x) if self.enabled and self.sct is not None else x
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         b = self.block
@@ -198,16 +198,16 @@ class SCTStage(nn.Module):
     def __init__(self, stage: nn.Module, sct: SalientChannels | None):
         super().__init__()
         self.inner = stage
-        self._sct = [sct]
+        self._sct = Borrowed(sct)  # owned (and saved) by the SCT method
         self.enabled = True
 
     @property
     def sct(self) -> SalientChannels | None:
-        return self._sct[0]
+        return self._sct.value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inner(x)
-        return self._sct[0](x) if self.enabled and self._sct[0] is not None else x
+        return self.sct(x) if self.enabled and self.sct is not None else x
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
@@ -365,13 +365,13 @@ def calibrate(model_or_backbone: BackboneView | "SCT", dataset, *, placement: st
 @register("sct", category="parameter",
           description="Salient Channel Tuning: a KxK linear on each layer's top-K class-salient channels "
                       "(calibrated on the training set)")
-class SCT(Method):
+class SCT(ModuleTuner):
     Config = SCTConfig
     default_optimizer = "adamw"  # the paper's recipe
-    default_lr = 0.01  # base lr (× batch/256): the best of our grid on Fashion-MNIST with EfficientNet-Lite0
+    default_lrs = {"adamw": 0.01}  # base lr (× batch/256): the best of our grid on Fashion-MNIST with EfficientNet-Lite0
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
+    def attach(self):
+        backbone, config = self.backbone, self.config
         layers = _layers(backbone)
         self.layer_names = backbone.module_names(layers)
         modules = []
@@ -392,7 +392,6 @@ class SCT(Method):
         for name, wrapper in wrappers:  # only after every layer passed the checks
             replace_module(backbone.model, name, wrapper)
         self.sct = nn.ModuleList(modules)
-        self.head = self.make_linear_head()
 
     @property
     def calibrated(self) -> bool:
@@ -415,54 +414,5 @@ class SCT(Method):
         self.set_channels(calibrate(self, train_set, batch_size=batch_size, device=device, progress=progress))
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def cli_calibrate(args) -> int:
-    """``vistune calibrate``: the SCT calibration pass alone; prints / saves per-layer channels."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .._io import atomic_write_json
-    from ..backbones import load_backbone
-    from ..data import load_data
-    from ..run import Job, preprocessing_for, transforms_for
-    from ..training.trainer import resolve_device
-
-    if args.top_k is not None and args.top_k < 1:
-        raise VistuneError(f"--top-k {args.top_k} must be ≥ 1")
-    if args.ratio is not None and not 0 < args.ratio <= 1:
-        raise VistuneError(f"--ratio {args.ratio} must be in (0, 1]", "e.g. --ratio 0.125")
-    ratio = args.ratio if args.ratio is not None else 1 / 8
-    device = resolve_device(args.device)
-    backbone = load_backbone(args.backbone, checkpoint=args.checkpoint, random_init=args.random_init)
-    job = Job(backbone=args.backbone, method="sct", data=args.data, image_size=args.image_size,
-              normalization=args.normalization)
-    prep = preprocessing_for(backbone, job)
-    _, eval_tf = transforms_for({**prep, "augment": False})
-    # the same split `vistune train` calibrates on (same seed, sizes, and val carved off train)
-    data = load_data(args.data, train_transform=eval_tf, eval_transform=eval_tf, train_size=args.train_size,
-                     val_size=args.val_size, seed=args.seed)
-    result = calibrate(backbone, data.train, placement=args.placement, top_k=args.top_k, ratio=ratio,
-                       batch_size=args.batch_size, device=device, progress=not args.quiet)
-    console = Console()
-    table = Table(title=f"SCT salient channels: {args.backbone} on {args.data} "
-                        f"({result.num_images} train images, placement {result.placement})")
-    for col in ("layer", "D", "K", "top channels (by score)", "score range"):
-        table.add_column(col)
-    for layer in result.layers:
-        order = layer.scores.argsort(descending=True)
-        top = ", ".join(f"{int(layer.indices[j])}" for j in order[:8]) + (" …" if len(order) > 8 else "")
-        table.add_row(layer.name, str(layer.dim), str(len(layer.indices)), top,
-                      f"{float(layer.scores.min()):.4g} … {float(layer.scores.max()):.4g}")
-    console.print(table)
-    if args.out:
-        atomic_write_json(args.out, {"backbone": args.backbone, "data": args.data, "image_size": prep["image_size"],
-                                     "top_k": args.top_k, "ratio": None if args.top_k is not None else ratio,
-                                     **result.to_dict()})
-        console.print(f"wrote {args.out}")
-    else:
-        console.print("full indices and scores: add --out FILE.json")
-    return 0
-
-
 __all__ = ["SCT", "SCTConfig", "SCTBlock", "SCTStage", "SalientChannels", "Calibration", "LayerChannels",
-           "calibrate", "num_salient", "cli_calibrate"]
+           "calibrate", "num_salient"]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Method, MethodConfig, option, register
+from ..backbones import load_backbone
+from .base import MethodConfig, SideTuner, option, register
 
 
 @dataclass
@@ -22,20 +23,16 @@ class SidetuneConfig(MethodConfig):
 
 @register("sidetune", category="fine-tuning",
           description="Side-tuning: σ(α)·frozen feature + (1-σ(α))·Linear(side network(x)), side net trains")
-class Sidetune(Method):
+class Sidetune(SideTuner):
     Config = SidetuneConfig
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
-        from ..backbones import load_backbone
-
-        side = load_backbone(config.side_network, random_init=not config.side_pretrained).model
+    def attach(self):
+        side = load_backbone(self.config.side_network, random_init=not self.config.side_pretrained).model
         side.requires_grad_(True)
         self.side = side
         side_dim = getattr(side, "head_hidden_size", None) or side.num_features
-        self.side_proj = nn.Linear(side_dim, backbone.feature_dim)
+        self.side_proj = nn.Linear(side_dim, self.backbone.feature_dim)
         self.alpha = nn.Parameter(torch.zeros(()))  # σ(0) = 0.5: equal blend at the start
-        self.head = self.make_linear_head()
 
     def features(self, x):
         frozen = self.backbone.forward_features(x)

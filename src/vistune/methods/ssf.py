@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from ..backbones.base import replace_module
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import Foldable, MethodConfig, ModuleTuner, option, register
 
 AFFINE_OPS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
@@ -35,7 +35,7 @@ class SSFConfig(MethodConfig):
         "identity", "identity: scale 1, shift 0 (step 0 = frozen model); paper: scale N(1, 0.02), shift N(0, 0.02)")
 
 
-class ScaleShift(nn.Module):
+class ScaleShift(nn.Module, Foldable):
     """Runs a frozen affine op with weight γ ⊙ W and bias γ ⊙ b + β: exactly γ ⊙ op(x) + β."""
 
     def __init__(self, inner: nn.Module, init: str):
@@ -81,16 +81,15 @@ def ssf_ops(model: nn.Module) -> list[str]:
 
 @register("ssf", category="parameter",
           description="SSF: learned scale and shift after every op with a bias and every norm layer; mergeable")
-class SSF(Method):
+class SSF(ModuleTuner):
     Config = SSFConfig
+    mergeable = True
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
-        model = backbone.model
+    def attach(self):
+        backbone, model = self.backbone, self.backbone.model
         names = ssf_ops(model)
         if not names:
             raise VistuneError(f"backbone {backbone.spec.name!r} has no op with a bias or norm layer for SSF",
                                "use another method (e.g. lora)")
         for name in names:
-            replace_module(model, name, ScaleShift(model.get_submodule(name), config.init))
-        self.head = self.make_linear_head()
+            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init))

@@ -1,13 +1,15 @@
 """Visual Prompt Tuning (Jia et al., ECCV 2022): VPT-shallow and VPT-deep.
 
-ViT family: learnable prompt tokens are inserted after the positional embedding, after ALL prefix
-tokens (CLS, registers, DeiT's distillation token): [prefix, P, patches]. Shallow: before block 1
-only, the prompts then travel through every block. Deep: every block gets its own prompts; before
-block i ≥ 2 the previous block's prompt outputs are discarded and replaced. The stock timm blocks
-run on the modified sequence, so attention stays timm's own (fused SDPA). Prompt outputs are
-dropped before the final norm and pooling, so avg-pool models never pool over prompts.
+ViT family (a token tuner): learnable prompt tokens are inserted after the positional embedding, after ALL
+prefix tokens (CLS, registers, DeiT's distillation token): [prefix, P, patches], through the view's one seam
+(``ViTView.forward_tokens``; before ``norm_pre``, which only CLIP-style towers have). Shallow: before block 1
+only, the prompts then travel through every block. Deep: every block gets its own prompts; before block i ≥ 2
+the previous block's prompt outputs are discarded and replaced. The stock timm blocks run on the modified
+sequence, so attention stays timm's own (fused SDPA). Prompt outputs are dropped before the final norm and
+pooling, so avg-pool models never pool over prompts. Prompt dropout draws its mask per sample (as the official
+code, which drops after expanding the prompts to the batch).
 
-Swin (our design; the official Swin code is buggy, vpt#6): window attention has no slot for extra
+Swin (a module tuner; our design — the official Swin code is buggy, vpt#6): window attention has no slot for extra
 tokens — the token grid is partitioned into windows and merged between stages — so each prompt
 set is an extra set of keys/values that every window of a block attends to. The prompts go
 through the block's own norm1 and qkv projection, the block's relative-position bias is kept for
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import Borrowed, MethodConfig, ModuleTuner, TokenTuner, option, register
 
 
 @dataclass
@@ -52,11 +54,6 @@ class VPTConfig(MethodConfig):
             raise VistuneError(f"vpt: project_dim={self.project_dim} must be ≥ 1 (or none)")
 
 
-@dataclass
-class VPTDeepConfig(VPTConfig):
-    pass
-
-
 def _init_prompts(p: torch.Tensor, config: VPTConfig, patch_area: int) -> None:
     if config.init == "normal":
         nn.init.normal_(p, std=0.02)
@@ -73,15 +70,14 @@ class PromptedWindowAttention(nn.Module):
         super().__init__()
         self.inner, self.norm = inner, norm
         self.dropout = nn.Dropout(dropout)
-        # owned (and saved) by the method; lists keep them out of this module's state_dict
-        self.prompts, self.project = [prompts], [project]
+        self.prompts, self.project = Borrowed(prompts), Borrowed(project)  # owned and saved by the method
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         a = self.inner
         b_, n, c = x.shape
         heads = a.num_heads
         q, k, v = a.qkv(x).reshape(b_, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        prompts = self.prompts[0] if self.project[0] is None else self.project[0](self.prompts[0])
+        prompts = self.prompts.value if self.project.value is None else self.project.value(self.prompts.value)
         prompts = self.norm(self.dropout(prompts))  # as a token in the residual stream: norm1 → qkv
         p = prompts.shape[0]
         _, pk, pv = a.qkv(prompts).reshape(p, 3, heads, -1).permute(1, 2, 0, 3).unbind(0)
@@ -100,12 +96,14 @@ class PromptedWindowAttention(nn.Module):
 
 @register("vpt-shallow", category="prompt", families=("vit", "swin"),
           description="VPT-shallow: p prompt tokens before block 1 (ViT); prompt keys/values in block 1 (Swin)")
-class VPTShallow(Method):
+class VPTShallow(TokenTuner, ModuleTuner):
+    """A token tuner on the ViT family; on Swin a module tuner (prompted window attention)."""
+
     Config = VPTConfig
     deep = False
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
+    def attach(self):
+        backbone, config = self.backbone, self.config
         self.drop_rate = config.dropout if config.dropout is not None else (0.1 if self.deep else 0.0)
         p = config.num_tokens
         if backbone.family == "vit":
@@ -132,34 +130,30 @@ class VPTShallow(Method):
             for blk, prompt, d in zip(blocks, self.prompts, dims):
                 proj = self.project[str(d)] if self.project is not None else None
                 blk.attn = PromptedWindowAttention(blk.attn, blk.norm1, prompt, self.drop_rate, proj)
-        self.head = self.make_linear_head()
-        if config.head_init == "vpt":
-            nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
-            nn.init.constant_(self.head.bias, -math.log((1 - 0.01) / 0.01))
+
+    def build_head(self) -> nn.Module:
+        head = self.make_linear_head()
+        if self.config.head_init == "vpt":
+            nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+            nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+        return head
 
     def prompt_tokens(self, i: int, batch: int) -> torch.Tensor:
+        """Block i's prompts for a batch, (B, p, D); dropout draws its mask per sample."""
         p = self.prompts[i]
         if self.project is not None:
             p = self.project[str(self.backbone.embed_dim)](p)
-        return self.prompt_dropout(p).unsqueeze(0).expand(batch, -1, -1)
+        return self.prompt_dropout(p.unsqueeze(0).expand(batch, -1, -1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone.family == "swin":
             return self.backbone.forward_features(x)
-        v = self.backbone
-        tokens = v.embed(x)
-        n_prefix, p, batch = v.num_prefix_tokens, self.config.num_tokens, x.shape[0]
-        x = torch.cat([tokens[:, :n_prefix], self.prompt_tokens(0, batch), tokens[:, n_prefix:]], dim=1)
-        for i, block in enumerate(v.blocks()):
-            if self.deep and i > 0:  # discard the previous block's prompt outputs
-                x = torch.cat([x[:, :n_prefix], self.prompt_tokens(i, batch), x[:, n_prefix + p:]], dim=1)
-            x = block(x)
-        x = torch.cat([x[:, :n_prefix], x[:, n_prefix + p:]], dim=1)  # prompts never reach pooling
-        return v.head_features(x)
+        batch = x.shape[0]
+        deep = (lambda i: self.prompt_tokens(i, batch)) if self.deep else None
+        return self.backbone.forward_tokens(x, self.prompt_tokens(0, batch), deep)
 
 
 @register("vpt-deep", category="prompt", families=("vit", "swin"),
           description="VPT-deep: own p prompt tokens at every block, previous prompt outputs discarded")
 class VPTDeep(VPTShallow):
-    Config = VPTDeepConfig
     deep = True

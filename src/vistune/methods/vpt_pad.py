@@ -17,7 +17,7 @@ from torch import nn
 
 from ..backbones import FAMILIES
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import InputTuner, MethodConfig, option, register
 
 
 @dataclass
@@ -40,11 +40,11 @@ class VPTPadConfig(MethodConfig):
 
 @register("vpt-pad", category="prompt", families=FAMILIES,
           description="VPT pad prompts: a learnable pixel border around the (shrunk) input image, any backbone")
-class VPTPad(Method):
+class VPTPad(InputTuner):
     Config = VPTPadConfig
 
-    def __init__(self, backbone, config, num_classes):
-        super().__init__(backbone, config, num_classes)
+    def attach(self):
+        config = self.config
         if config.image_size is None:
             raise VistuneError("vpt-pad needs the input image size", "pass --image-size (or --set image_size=S)")
         w, s = config.width, config.image_size
@@ -56,7 +56,6 @@ class VPTPad(Method):
         self.pad_lr = nn.Parameter(torch.zeros(1, 3, inner, 2 * w))
         nn.init.normal_(self.pad_tb, std=0.02)
         nn.init.normal_(self.pad_lr, std=0.02)
-        self.head = self.make_linear_head()
 
     def prompt(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.config.width, x.shape[0]

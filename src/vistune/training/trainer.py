@@ -1,8 +1,9 @@
 """The trainer: VPT's recipe by default, val-based selection, resumable checkpoints.
 
 Recipe (VPT): SGD momentum 0.9, lr = base_lr × batch/256, linear warm-up then cosine stepped per
-epoch, no weight decay on biases and norm parameters. AdamW is selectable (and is the default
-of methods that set ``default_optimizer = "adamw"``, e.g. full fine-tuning).
+epoch, no weight decay on biases and norm parameters. AdamW is selectable. A method's own defaults come from
+its class (the Method contract, methods/base.py): ``default_optimizer``, ``default_lrs``,
+``default_warmup_fraction``.
 
 Determinism: every epoch seeds its own shuffling and dropout from (seed, epoch), so a run that
 is resumed from its last checkpoint computes exactly what the uninterrupted run computes.
@@ -15,6 +16,7 @@ torchrun, so both compute the same steps up to float rounding.
 from __future__ import annotations
 
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -42,10 +44,10 @@ STATE_FILE = "train_state.pt"
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
-    lr: float | None = None  # base lr; None → the optimizer's default below
+    lr: float | None = None  # base lr; None → the method's default_lrs, else the optimizer's default below
     weight_decay: float = 0.0
     optimizer: Literal["sgd", "adamw"] | None = None  # None → the method's default (SGD for most)
-    warmup_epochs: int | None = None  # None → 10% of epochs (VPT: 10 of 100)
+    warmup_epochs: int | None = None  # None → the method's default_warmup_fraction of the epochs (VPT: 10%)
     lr_scaling: bool = True  # lr × batch/256, as VPT
     label_smoothing: float = 0.0
     select: Literal["best-val", "last"] = "best-val"
@@ -59,19 +61,23 @@ class TrainConfig:
     DEFAULT_LR = {"sgd": 1.0, "adamw": 1e-3}
 
     def resolved_optimizer(self, model: Method) -> str:
-        return self.optimizer or getattr(model, "default_optimizer", "sgd")
+        return self.optimizer or model.default_optimizer
 
     def base_lr(self, model: Method) -> float:
-        """--lr, else the method's own default (if it sets ``default_lr``), else the optimizer's."""
+        """--lr, else the method's own default for the optimizer (``default_lrs``), else the optimizer's."""
         if self.lr is not None:
             return self.lr
-        return getattr(model, "default_lr", None) or self.DEFAULT_LR[self.resolved_optimizer(model)]
+        optimizer = self.resolved_optimizer(model)
+        return model.default_lrs.get(optimizer, self.DEFAULT_LR[optimizer])
 
     def effective_lr(self, model: Method) -> float:
         return self.base_lr(model) * (self.batch_size / 256 if self.lr_scaling else 1.0)
 
-    def warmup(self) -> int:
-        return self.warmup_epochs if self.warmup_epochs is not None else max(0, round(0.1 * self.epochs))
+    def warmup(self, model: Method | None = None) -> int:
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        fraction = model.default_warmup_fraction if model is not None else Method.default_warmup_fraction
+        return max(0, round(fraction * self.epochs))
 
 
 @dataclass
@@ -260,8 +266,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     if cfg.cache_inputs and not augment:
         train_set, val_set = InMemory(train_set), InMemory(val_set)
     net: nn.Module = model  # what one training step runs
-    segmentation = getattr(model, "task", "classification") == "segmentation"
-    if cfg.cache_features and not augment and getattr(model, "trains_head_only", False) and not segmentation:
+    segmentation = model.task == "segmentation"
+    if cfg.cache_features and not augment and model.trains_head_only:
         bs = max(cfg.batch_size, 64)
         train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
         val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
@@ -277,6 +283,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = _make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    schedule = dataclasses.replace(cfg, warmup_epochs=cfg.warmup(model))  # the method's default warm-up resolved
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
 
     start_epoch, best_val, best_epoch, best_state, history, elapsed = 0, -1.0, -1, None, [], 0.0
@@ -314,7 +321,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
                             num_workers=cfg.num_workers)
         for g, lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr * _lr_factor(epoch, cfg)
+            g["lr"] = lr * _lr_factor(epoch, schedule)
         model.train()
         step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0

@@ -1,0 +1,101 @@
+"""What the subcommands share: the console, argument groups declared once, and small helpers."""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from ..errors import VistuneError
+
+console = Console()
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """One line of help per option with its real default: argparse's "(default: X)" is added only where the
+    help text does not already say what the default is, and never for flags or unset (None) defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def subparser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """``--set key=value`` pairs → {key: value} (values stay strings; the method's config types them)."""
+    out = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise VistuneError(f"--set {pair!r} is not key=value", "write e.g. --set reduction=8")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---- argument groups -----------------------------------------------------------------------
+def add_backbone_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--backbone", required=required, metavar="B",
+                   help="timm model name, offline backbone (see `vistune backbones`), or timm architecture "
+                        "with --checkpoint/--random-init")
+    p.add_argument("--checkpoint", metavar="FILE", help="local backbone weights (.safetensors/.pth/.npz)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random backbone weights (shape checks and tests only; never silently)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data set and how its splits are drawn (the same for `train` and `calibrate`)."""
+    p.add_argument("--data", required=True, metavar="D",
+                   help="image folder (train/<class>/…, optional val/ and test/), VTAB-1k list-file folder, or "
+                        "built-in: fashion-mnist, mnist5k, digits, cifar10:<path>, shapes-loc, shapes-ori, "
+                        "clevr-count")
+    p.add_argument("--train-size", type=int, metavar="N",
+                   help="stratified N-image subset of train (VTAB-1k: 800; default: all)")
+    p.add_argument("--val-size", type=int, metavar="N",
+                   help="stratified N-image subset of val (VTAB-1k: 200; default: all, or 20%% of train when "
+                        "there is no val split)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="input size in pixels (default: the backbone's pretrained size)")
+    p.add_argument("--normalization", choices=["pretrained_cfg", "paper"], default="pretrained_cfg",
+                   help="mean/std of the backbone's pretrained_cfg, or ImageNet's as the VPT/SCT papers")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The training recipe (vistune.training.TrainConfig)."""
+    p.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="images per step (the lr is scaled by batch/256)")
+    p.add_argument("--lr", type=float, default=None, metavar="LR",
+                   help="base lr, scaled by batch/256 (default: the method's, see `vistune methods --details`)")
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
+                   help="weight decay (never on biases and norm parameters)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+                   help="default: the method's (SGD momentum 0.9; AdamW for full and sct)")
+    p.add_argument("--warmup-epochs", type=int, default=None, metavar="N",
+                   help="linear warm-up epochs before the cosine schedule (default: 10%% of --epochs)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="label smoothing of the loss")
+    p.add_argument("--select", choices=["best-val", "last"], default="best-val",
+                   help="which epoch's weights to keep (never selected on test)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the method's initialisation, shuffling and "
+                                                         "dropout (also draws the data subsets)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA, off on CPU where it is slower)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes")
+
+
+def train_config(args):
+    """The TrainConfig of parsed `add_train_args` options."""
+    from ..training import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        select=args.select, seed=args.seed, device=args.device, amp=args.amp, num_workers=args.workers,
+    )
