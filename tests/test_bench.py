@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vistune.bench import builtin_suites, load_suite, parse_suite, run_bench
-from vistune.bench import sweep as sweep_mod
+from vistune.bench import BenchOptions, builtin_suites, load_suite, parse_suite, run_bench
+from vistune.bench import jobs as jobs_mod
+from vistune.bench.plan import Plan, PlannedTask
 from vistune.bench.report import method_summary
 from vistune.bench.suite import parse_suite_file
 from vistune.cli import main
@@ -20,7 +21,7 @@ METHODS = ["linear", "bias"]
 LR_GRID, WD_GRID, SEEDS = [0.5, 2.0], [0.0, 1e-3], [3, 4]
 N_SELECT = len(METHODS) * len(LR_GRID) * len(WD_GRID)
 N_FINAL = len(METHODS) * len(SEEDS)
-REAL_RUN_JOB = sweep_mod.run_job
+REAL_RUN_JOB = jobs_mod.run_job
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,8 +81,8 @@ class Counting:
 
 def _bench(suite, backbone, out, monkeypatch, runner=None):
     runner = runner or Counting()
-    monkeypatch.setattr(sweep_mod, "run_job", runner)
-    summary = run_bench(suite, METHODS, backbone, out, device="cpu", progress=False, efficiency=False)
+    monkeypatch.setattr(jobs_mod, "run_job", runner)
+    summary = run_bench(BenchOptions(suite, METHODS, backbone, out, device="cpu", progress=False, efficiency=False))
     return summary, runner
 
 
@@ -154,10 +155,10 @@ def test_progress_shows_the_sweep_and_each_run_with_its_steps(image_folder, tiny
         return REAL_RUN_JOB(job, **{**kwargs, "on_step": lambda done, total: (bar(done, total),
                                                                               steps.append((done, total)))})
 
-    monkeypatch.setattr(sweep_mod, "run_job", recording_run_job)
+    monkeypatch.setattr(jobs_mod, "run_job", recording_run_job)
     text = io.StringIO()
-    run_bench(_suite(image_folder), ["linear"], tiny_backbones("vit"), tmp_path / "b", device="cpu", efficiency=False,
-              console=Console(file=text, force_terminal=True, width=200))
+    run_bench(BenchOptions(_suite(image_folder), ["linear"], tiny_backbones("vit"), tmp_path / "b", device="cpu",
+                           efficiency=False), console=Console(file=text, force_terminal=True, width=200))
     assert len(bars) == len(LR_GRID) * len(WD_GRID) + len(SEEDS) and all(callable(b) for b in bars)
     assert steps[:3] == [(1, 3), (2, 3), (3, 3)]  # 24 images / batch 8 = 3 steps in the run's one epoch
     out = text.getvalue()
@@ -213,15 +214,15 @@ def test_final_run_killed_mid_training_resumes_from_its_checkpoint(image_folder,
         return REAL_RUN_JOB(job, **kwargs)
 
     kw = dict(lr_grid=[1.0], wd_grid=[0.0], seeds=[3], sets=["linear.epochs=2"], progress=False)
-    monkeypatch.setattr(sweep_mod, "run_job", runner)
+    monkeypatch.setattr(jobs_mod, "run_job", runner)
     with pytest.raises(KeyboardInterrupt):
-        run_bench(_suite(image_folder), ["linear"], backbone, out, **kw)
+        run_bench(BenchOptions(_suite(image_folder), ["linear"], backbone, out, **kw))
     run_dir = out / "runs" / "folder" / "linear" / "seed3"
     assert (run_dir / "train_state.pt").is_file() and not (run_dir / "metrics.json").exists()
     epochs_evaluated = []
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: epochs_evaluated.append(1) or real_evaluate(*a, **k))
-    monkeypatch.setattr(sweep_mod, "run_job", REAL_RUN_JOB)
-    run_bench(_suite(image_folder), ["linear"], backbone, out, **kw)
+    monkeypatch.setattr(jobs_mod, "run_job", REAL_RUN_JOB)
+    run_bench(BenchOptions(_suite(image_folder), ["linear"], backbone, out, **kw))
     assert len(epochs_evaluated) == 1  # only epoch 2 was trained again
     final = [r for r in _rows(out) if r["phase"] == "final"]
     assert len(final) == 1 and final[0]["test_accuracy"] is not None
@@ -231,13 +232,13 @@ def test_final_run_killed_mid_training_resumes_from_its_checkpoint(image_folder,
 def test_changed_settings_are_new_runs(image_folder, tiny_backbones, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     backbone = tiny_backbones("vit")
-    monkeypatch.setattr(sweep_mod, "run_job", Counting())
-    run_bench(_suite(image_folder), ["linear"], backbone, out, lr_grid=[1.0], wd_grid=[0.0], seeds=[3],
-              progress=False, report=False)
+    monkeypatch.setattr(jobs_mod, "run_job", Counting())
+    run_bench(BenchOptions(_suite(image_folder), ["linear"], backbone, out, lr_grid=[1.0], wd_grid=[0.0], seeds=[3],
+                           progress=False, report=False))
     runner = Counting()
-    monkeypatch.setattr(sweep_mod, "run_job", runner)
-    s = run_bench(_suite(image_folder), ["linear"], backbone, out, lr_grid=[1.0], wd_grid=[0.0], seeds=[3],
-                  sets=["linear.epochs=2"], progress=False)
+    monkeypatch.setattr(jobs_mod, "run_job", runner)
+    s = run_bench(BenchOptions(_suite(image_folder), ["linear"], backbone, out, lr_grid=[1.0], wd_grid=[0.0],
+                               seeds=[3], sets=["linear.epochs=2"], progress=False))
     assert s["executed"] == 2 and len(runner.calls) == 2  # other epochs: other run keys
     assert len(_rows(out)) == 4
     assert list((out / "runs" / "folder" / "linear").glob("seed3.superseded-1"))  # the old artifact is kept
@@ -308,12 +309,12 @@ def test_unknown_suite_and_missing_data_root():
     with pytest.raises(VistuneError, match="offline-mini"):
         load_suite("offline-mimi")
     with pytest.raises(VistuneError, match="NOAH") as e:
-        run_bench("vtab-1k", ["linear"], "never-loaded", "unused-out")
+        run_bench(BenchOptions("vtab-1k", ["linear"], "never-loaded", "unused-out"))
     assert "vistune data vtab --download" in e.value.fix
     with pytest.raises(VistuneError, match="caltech101"):
-        run_bench("vtab-1k", ["linear"], "never-loaded", "unused-out", data_root=".")
+        run_bench(BenchOptions("vtab-1k", ["linear"], "never-loaded", "unused-out", data_root="."))
     with pytest.raises(VistuneError, match="Did you mean 'linear'"):
-        run_bench("offline-mini", ["linea"], "never-loaded", "unused-out")
+        run_bench(BenchOptions("offline-mini", ["linea"], "never-loaded", "unused-out"))
     assert not Path("unused-out").exists()
 
 
@@ -356,7 +357,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_total_params_follows_vpt_definition():
     """(backbone + N × tuned) ÷ backbone; full fine-tuning: N × (backbone + head) ÷ backbone (vpt#10)."""
-    tasks = [{"name": f"t{i}", "group": "Natural"} for i in range(24)]
+    tasks = [PlannedTask(f"t{i}", "Natural") for i in range(24)]
     B = 85_800_000
 
     def res(tuned, excl):
@@ -364,10 +365,11 @@ def test_total_params_follows_vpt_definition():
 
     results = {}
     for t in tasks:
-        results[(t["name"], "linear")] = res(76_900, 0)
-        results[(t["name"], "full")] = res(B + 76_900, B)
-    s = method_summary({"plan": {"tasks": tasks, "methods": ["linear", "full"], "backbone_params": B},
-                        "results": results})
+        results[(t.name, "linear")] = res(76_900, 0)
+        results[(t.name, "full")] = res(B + 76_900, B)
+    plan = Plan(suite="s", suite_description="", suite_path=None, backbone={"name": "vit"}, backbone_params=B,
+                signature=None, tasks=tasks, methods=["linear", "full"], cells=[])
+    s = method_summary({"plan": plan, "results": results})
     assert s["full"]["total_params"] == pytest.approx(24 * (B + 76_900) / B)  # ≈ 24.02×
     assert s["linear"]["total_params"] == pytest.approx((B + 24 * 76_900) / B)  # ≈ 1.02×
     assert round(s["full"]["total_params"], 2) == 24.02 and round(s["linear"]["total_params"], 2) == 1.02
@@ -392,8 +394,8 @@ def test_sweep_on_ray_equals_the_in_process_sweep_and_resumes(local_ray, image_f
     with pytest.raises(RuntimeError, match="simulated kill"):
         _bench(_suite(image_folder), backbone, tmp_path / "ray", monkeypatch, Counting(fail_after=3))
     monkeypatch.undo()
-    summary = run_bench(_suite(image_folder), METHODS, backbone, tmp_path / "ray", device="cpu", progress=False,
-                        executor="ray", efficiency=False)
+    summary = run_bench(BenchOptions(_suite(image_folder), METHODS, backbone, tmp_path / "ray", device="cpu",
+                                     progress=False, executor="ray", efficiency=False))
     assert summary["executed"] == N_SELECT + N_FINAL - 3 and summary["already_stored"] == 3
     on_ray, in_process = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
     assert len(on_ray) == len({r["run_key"] for r in on_ray}) == N_SELECT + N_FINAL
@@ -409,8 +411,8 @@ def test_sweep_on_ray_equals_the_in_process_sweep_and_resumes(local_ray, image_f
             assert (tmp_path / "ray" / r["artifact_dir"] / "adapter.safetensors").is_file()
     assert "| **bias** |" in (tmp_path / "ray" / "report.md").read_text()
     # nothing is left to run, on either executor
-    assert run_bench(_suite(image_folder), METHODS, backbone, tmp_path / "ray", device="cpu", progress=False,
-                     executor="ray", efficiency=False)["executed"] == 0
+    assert run_bench(BenchOptions(_suite(image_folder), METHODS, backbone, tmp_path / "ray", device="cpu",
+                                  progress=False, executor="ray", efficiency=False))["executed"] == 0
 
 
 def test_ray_executor_without_ray_says_how_to_install(image_folder, tiny_backbones, tmp_path, monkeypatch):
@@ -425,6 +427,6 @@ def test_ray_executor_without_ray_says_how_to_install(image_folder, tiny_backbon
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(VistuneError, match=r"vistune\[ray\]"):
-        run_bench(_suite(image_folder), METHODS, tiny_backbones("vit"), tmp_path / "b", device="cpu",
-                  progress=False, executor="ray")
+        run_bench(BenchOptions(_suite(image_folder), METHODS, tiny_backbones("vit"), tmp_path / "b", device="cpu",
+                               progress=False, executor="ray"))
     assert not (tmp_path / "b" / "results.sqlite").exists()

@@ -11,26 +11,29 @@ a run is stored when it finishes, and only missing runs are submitted again.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from ..errors import VistuneError
+from .jobs import SweepContext, execute, final_job, load_phase_data, select_job
+from .plan import Cell, Plan, SelectRun
+from .records import FinalRun, utc_now
 from .store import canonical
-from .sweep import (
-    SweepContext,
-    execute,
-    final_runs,
-    load_phase_data,
-    record_final,
-    record_select,
-    select_job,
-    utc_now,
-)
 
 _PHASE_DATA: dict[str, object] = {}  # per worker process: the data of the last task × phase it trained on
 
 
-def _train(job, backbone, cell: dict, spec: str, phase: str, resume: bool):
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and with what the runs go on Ray (``--ray-address``, ``--cpus-per-run``, ``--gpus-per-run``)."""
+
+    address: str | None = None  # an existing cluster ("auto", "ray://host:10001", …); None: start one here
+    cpus_per_run: float = 1.0
+    gpus_per_run: float | None = None  # None: 1 when the runs use CUDA, else 0
+
+
+def _train(job, backbone, cell: Cell, spec: str, phase: str, resume: bool):
     """A worker's run: (outcome, seconds). Reuses the decoded data of the previous run when it matches."""
-    key = canonical({"spec": spec, "phase": phase, "settings": cell["settings"]})
+    key = canonical({"spec": spec, "phase": phase, "settings": cell.settings})
     if key not in _PHASE_DATA:
         _PHASE_DATA.clear()  # one task × phase at a time: memory stays that of one in-process run
         _PHASE_DATA[key] = load_phase_data(backbone, cell, spec, phase)
@@ -49,36 +52,34 @@ def import_ray():
     return ray
 
 
-def sweep_on_ray(plan: dict, ctx: SweepContext, *, address: str | None = None, cpus_per_run: float = 1.0,
-                 gpus_per_run: float | None = None) -> int:
+def sweep_on_ray(plan: Plan, ctx: SweepContext, options: RayOptions) -> int:
     """Run every pending run of ``plan`` on a Ray cluster; returns the number executed.
 
-    ``address``: an existing cluster ("auto", "ray://host:10001", …); default: one started on this machine
-    for the bench and shut down after it. ``gpus_per_run`` defaults to 1 when the runs use CUDA, else 0.
+    Without ``options.address``, a Ray instance is started on this machine for the bench and shut down after it.
     """
     ray = import_ray()
+    gpus_per_run = options.gpus_per_run
     if gpus_per_run is None:
         gpus_per_run = 0.0 if ctx.device == "cpu" else _cuda_gpus()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    train = ray.remote(_train).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    train = ray.remote(_train).options(num_cpus=options.cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
     backbone_ref = ray.put(ctx.backbone)
-    in_flight: dict = {}  # object ref → (kind, item, label, started)
+    records, store = ctx.records, ctx.records.store
+    in_flight: dict = {}  # object ref → (the SelectRun's (cell, sel) or the FinalRun, started)
 
-    def submit_select(cell: dict, sel: dict) -> None:
-        spec = ctx.spec(cell)
-        label, job = select_job(cell, sel, spec, ctx)
-        ref = train.remote(job, backbone_ref, cell, spec, "select", False)
-        in_flight[ref] = ("select", (cell, sel), label, utc_now())
+    def submit_select(cell: Cell, sel: SelectRun) -> None:
+        ref = train.remote(select_job(cell, sel, ctx), backbone_ref, cell, ctx.spec(cell), "select", False)
+        in_flight[ref] = ((cell, sel), utc_now())
 
-    def submit_finals(cell: dict) -> None:
-        for final in final_runs(cell, ctx):
-            ref = train.remote(final["job"], backbone_ref, cell, ctx.spec(cell), "final", final["resume"])
-            in_flight[ref] = ("final", final, final["label"], final["started"])
+    def submit_finals(cell: Cell) -> None:
+        for final in records.final_runs(cell):
+            ref = train.remote(final_job(final, ctx), backbone_ref, cell, ctx.spec(cell), "final", final.resume)
+            in_flight[ref] = (final, final.started)
 
-    for cell in plan["cells"]:
-        todo = [s for s in cell["select"] if not ctx.store.has(s["key"])]
+    for cell in plan.cells:
+        todo = [s for s in cell.select if not store.has(s.key)]
         for sel in todo:
             submit_select(cell, sel)
         if not todo:
@@ -88,16 +89,16 @@ def sweep_on_ray(plan: dict, ctx: SweepContext, *, address: str | None = None, c
         while in_flight:
             ctx.display.describe(f"{len(in_flight)} run(s) submitted to Ray")
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            kind, item, label, started = in_flight.pop(ref)
+            item, started = in_flight.pop(ref)
             outcome, seconds = ray.get(ref)
             executed += 1
-            if kind == "select":
-                cell, sel = item
-                record_select(cell, sel, outcome, ctx, label=label, started=started, seconds=seconds)
-                if all(ctx.store.has(s["key"]) for s in cell["select"]):
-                    submit_finals(cell)
+            if isinstance(item, FinalRun):
+                records.record_final(item, outcome, seconds=seconds)
             else:
-                record_final(item, outcome, ctx, seconds=seconds)
+                cell, sel = item
+                records.record_select(cell, sel, outcome, started=started, seconds=seconds)
+                if all(store.has(s.key) for s in cell.select):
+                    submit_finals(cell)
     finally:
         for ref in in_flight:  # an error or Ctrl-C: stop what is still running; stored runs stay stored
             ray.cancel(ref, force=True)

@@ -6,6 +6,7 @@ runs. Works on an unfinished bench too: missing cells show as pending.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -14,44 +15,45 @@ from pathlib import Path
 
 from .._io import atomic_write, atomic_write_text
 from ..errors import VistuneError
+from .plan import Plan, PlannedTask, choose_best
 from .store import STORE, Store
-from .sweep import choose_best, final_key
 
 REPORT = "report.md"
 PLOT = "accuracy_vs_params.png"
 GROUP_ORDER = ("Natural", "Specialized", "Structured")
 
 
-def _merged_plan(store: Store, where: Path) -> tuple[dict, list[str]]:
+def _merged_plan(store: Store, where: Path) -> tuple[Plan, list[str]]:
     benches = store.benches()
     if not benches:
         raise VistuneError(f"{where} holds no bench results ({STORE} has no recorded bench)",
                            "run `vistune bench --out DIR …` first, then `vistune report DIR`")
-    plan = dict(benches[0]["plan"])
+    plan = Plan.from_dict(benches[0]["plan"])
     commands = [benches[0]["command"]]
-    cells = {(c["task"], c["method"]): c for c in plan["cells"]}
-    tasks = {t["name"]: t for t in plan["tasks"]}
-    methods = list(plan["methods"])
+    cells = {(c.task, c.method): c for c in plan.cells}
+    tasks = {t.name: t for t in plan.tasks}
+    methods = list(plan.methods)
     for b in benches[1:]:
-        p = b["plan"]
-        if p.get("signature") != plan.get("signature"):
+        if b["plan"].get("signature") != plan.signature:
             continue
         added = False
-        for c in p["cells"]:
-            if (c["task"], c["method"]) not in cells:
-                cells[(c["task"], c["method"])] = c
+        for c in Plan.from_dict(b["plan"]).cells:
+            if (c.task, c.method) not in cells:
+                cells[(c.task, c.method)] = c
                 added = True
-                tasks.setdefault(c["task"], {"name": c["task"], "group": c["group"]})
-                if c["method"] not in methods:
-                    methods.append(c["method"])
+                tasks.setdefault(c.task, PlannedTask(c.task, c.group))
+                if c.method not in methods:
+                    methods.append(c.method)
         if added and b["command"] not in commands:
             commands.append(b["command"])
-    plan["cells"], plan["tasks"], plan["methods"] = list(cells.values()), list(tasks.values()), methods
-    return plan, commands
+    merged = dataclasses.replace(plan, cells=list(cells.values()), tasks=list(tasks.values()), methods=methods)
+    return merged, commands
 
 
 def collect(out: str | Path) -> dict:
-    """Everything the report shows, as plain data (also handy in notebooks)."""
+    """Everything the report shows (also handy in notebooks): the merged :class:`~vistune.bench.plan.Plan`,
+    the commands that ran it, and per (task, method) its :class:`~vistune.bench.plan.Cell`, selection
+    :class:`~vistune.bench.plan.Winner` and stored rows with their summary statistics."""
     out = Path(out)
     if not (out / STORE).is_file():
         raise VistuneError(f"{out} has no {STORE}", "give the --out folder of a `vistune bench` run")
@@ -59,23 +61,23 @@ def collect(out: str | Path) -> dict:
         plan, commands = _merged_plan(store, out)
         results = {}
         done = planned = 0
-        for cell in plan["cells"]:
-            sel_rows = store.get_many([s["key"] for s in cell["select"]])
+        for cell in plan.cells:
+            sel_rows = store.get_many([s.key for s in cell.select])
             best = choose_best(cell, sel_rows)
             finals = []
             if best is not None:
-                keys = [final_key(cell, best["lr"], best["wd"], s) for s in cell["seeds"]]
+                keys = [cell.final_key(best.lr, best.wd, s) for s in cell.seeds]
                 got = store.get_many(keys)
                 finals = [got[k] for k in keys if k in got]
-            planned += len(cell["select"]) + len(cell["seeds"])
+            planned += len(cell.select) + len(cell.seeds)
             done += len(sel_rows) + len(finals)
             ok = [r for r in finals if r["status"] == "ok"]
             tests = [r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
             any_row = (ok or [r for r in sel_rows.values() if r["status"] == "ok"] or [None])[0]
-            results[(cell["task"], cell["method"])] = {
-                "cell": cell, "best": best, "select_done": len(sel_rows), "select_total": len(cell["select"]),
+            results[(cell.task, cell.method)] = {
+                "cell": cell, "best": best, "select_done": len(sel_rows), "select_total": len(cell.select),
                 "select_diverged": sum(r["status"] != "ok" for r in sel_rows.values()),
-                "finals": finals, "final_done": len(finals), "final_total": len(cell["seeds"]),
+                "finals": finals, "final_done": len(finals), "final_total": len(cell.seeds),
                 "final_diverged": sum(r["status"] != "ok" for r in finals),
                 "test": tests,
                 "test_mean": statistics.fmean(tests) if tests else None,
@@ -92,29 +94,29 @@ def collect(out: str | Path) -> dict:
         meta_rows = [r for res in results.values() for r in res["rows"]]
         efficiency = [json.loads(r["result"]) | {"method": r["method"], "backbone": r["backbone"]}
                       for r in store.db.execute("SELECT * FROM efficiency ORDER BY id")
-                      if r["method"] in plan["methods"] and r["backbone"] == plan["backbone"]["name"]]
+                      if r["method"] in plan.methods and r["backbone"] == plan.backbone["name"]]
     return {"plan": plan, "commands": commands, "results": results, "done": done, "planned": planned,
             "rows": meta_rows, "efficiency": efficiency}
 
 
-def _groups(tasks: list[dict]) -> list[str]:
-    present = list(dict.fromkeys(t["group"] for t in tasks))
+def _groups(tasks: list[PlannedTask]) -> list[str]:
+    present = list(dict.fromkeys(t.group for t in tasks))
     return [g for g in GROUP_ORDER if g in present] + [g for g in present if g not in GROUP_ORDER]
 
 
 def method_summary(data: dict) -> dict[str, dict]:
     """Per method: task means, group means, overall mean, mean tuned params, total params for N tasks."""
     plan, results = data["plan"], data["results"]
-    tasks = plan["tasks"]
+    tasks = plan.tasks
     n = len(tasks)
-    backbone_params = plan.get("backbone_params")
+    backbone_params = plan.backbone_params
     out = {}
-    for m in plan["methods"]:
-        cells = [results.get((t["name"], m)) for t in tasks]
-        means = {t["name"]: c["test_mean"] for t, c in zip(tasks, cells) if c and c["test_mean"] is not None}
+    for m in plan.methods:
+        cells = [results.get((t.name, m)) for t in tasks]
+        means = {t.name: c["test_mean"] for t, c in zip(tasks, cells) if c and c["test_mean"] is not None}
         groups = {}
         for g in _groups(tasks):
-            names = [t["name"] for t in tasks if t["group"] == g]
+            names = [t.name for t in tasks if t.group == g]
             vals = [means[x] for x in names if x in means]
             groups[g] = (statistics.fmean(vals) if vals else None, len(vals) < len(names))
         tuned = [c["tuned_params"] for c in cells if c and c["tuned_params"] is not None]
@@ -157,7 +159,7 @@ def _cell_text(res: dict | None) -> str:
             return f"selecting {res['select_done']}/{res['select_total']}"
         if res["best"] is None:
             return "diverged"
-        if res["cell"]["final_base"].get("test_size") is None and res["finals"] and not res["test"]:
+        if res["cell"].test_size is None and res["finals"] and not res["test"]:
             return "no test"
         return f"final {res['final_done']}/{res['final_total']}"
     text = f"{100 * res['test_mean']:.1f}"
@@ -174,12 +176,12 @@ SETTINGS_SHOWN = [("image_size", "image size"), ("epochs", "epochs"), ("batch_si
                   ("normalization", "normalization"), ("augment", "augment")]
 
 
-def _settings_text(plan: dict) -> str:
+def _settings_text(plan: Plan) -> str:
     """Each setting once when every cell shares it, else per method (or per task × method)."""
-    cells = plan["cells"]
+    cells = plan.cells
     parts = []
     for key, label in SETTINGS_SHOWN:
-        values = [c["settings"].get(key) for c in cells]
+        values = [c.settings.get(key) for c in cells]
         show = (lambda v: "all" if v is None and key.endswith("_size") and key != "image_size" else
                 "method default" if v is None and key == "optimizer" else str(v))
         if not values:
@@ -189,7 +191,7 @@ def _settings_text(plan: dict) -> str:
             continue
         by_method = {}
         for c in cells:
-            by_method.setdefault(c["method"], set()).add(json.dumps(c["settings"].get(key)))
+            by_method.setdefault(c.method, set()).add(json.dumps(c.settings.get(key)))
         if all(len(v) == 1 for v in by_method.values()):
             per = ", ".join(f"{m} {show(json.loads(next(iter(v))))}" for m, v in by_method.items())
             parts.append(f"{label} per method ({per})")
@@ -198,22 +200,22 @@ def _settings_text(plan: dict) -> str:
     return "; ".join(parts)
 
 
-def _task_row(task: dict, results: dict, methods: list[str]) -> list[str]:
+def _task_row(task: PlannedTask, results: dict, methods: list[str]) -> list[str]:
     """Split sizes as the runs saw them (from the stored data summaries)."""
     sel = fin = "–"
     data = "–"
     for m in methods:
-        res = results.get((task["name"], m))
+        res = results.get((task.name, m))
         if not res:
             continue
-        data = f"`{res['cell']['final_base']['data']}`"
+        data = f"`{res['cell'].data}`"
         for r in res["rows"]:
             summary = json.loads(r["config"] or "{}").get("data_summary")
             if summary and r["phase"] == "select" and sel == "–":
                 sel = summary.replace(" / no test", "")
             if summary and r["phase"] == "final" and fin == "–":
                 fin = summary
-    return [task["name"], task["group"], data, sel, fin]
+    return [task.name, task.group, data, sel, fin]
 
 
 def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
@@ -230,12 +232,12 @@ def _fmt_num(x) -> str:
 
 def render(data: dict, plot_name: str | None = PLOT) -> str:
     plan, results = data["plan"], data["results"]
-    tasks, methods = plan["tasks"], plan["methods"]
+    tasks, methods = plan.tasks, plan.methods
     summary = method_summary(data)
     groups = _groups(tasks)
     n = len(tasks)
-    b = plan["backbone"]
-    bp = plan.get("backbone_params")
+    b = plan.backbone
+    bp = plan.backbone_params
     rows = data["rows"]
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     status = ("complete" if data["done"] == data["planned"] else
@@ -243,10 +245,10 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
     commits = sorted({r["git_commit"] for r in rows if r["git_commit"]})
     devices = sorted({r["device"] for r in rows if r.get("device")})
     versions = next((json.loads(r["versions"]) for r in reversed(rows) if r.get("versions")), {})
-    group_counts = ", ".join(f"{g} {sum(t['group'] == g for t in tasks)}" for g in groups)
-    out = [f"# vistune bench: {plan['suite']} on {b['name']}", ""]
-    if plan.get("suite_description"):
-        out += [f"_{plan['suite_description']}_", ""]
+    group_counts = ", ".join(f"{g} {sum(t.group == g for t in tasks)}" for g in groups)
+    out = [f"# vistune bench: {plan.suite} on {b['name']}", ""]
+    if plan.suite_description:
+        out += [f"_{plan.suite_description}_", ""]
     out += [
         f"- backbone: `{b['name']}` ({b['source']}), {bp:,} parameters" if bp else f"- backbone: `{b['name']}`",
         f"- tasks: {n} ({group_counts}); "
@@ -275,12 +277,12 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
         "## Test top-1 accuracy (%), mean ± std over seeds",
         "",
     ]
-    header = ["Method"] + [t["name"] for t in tasks] + groups + ["Mean", "Tuned params", "% of backbone",
+    header = ["Method"] + [t.name for t in tasks] + groups + ["Mean", "Tuned params", "% of backbone",
                                                                 f"Total params ({n} task{'s' if n != 1 else ''})"]
     table_rows = []
     for m in methods:
         s = summary[m]
-        row = [f"**{m}**"] + [_cell_text(results.get((t["name"], m))) for t in tasks]
+        row = [f"**{m}**"] + [_cell_text(results.get((t.name, m))) for t in tasks]
         for g in groups:
             val, partial = s["groups"][g]
             row.append("–" if val is None else f"{100 * val:.1f}{'*' if partial else ''}")
@@ -307,7 +309,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
     for m in methods:
         row = [f"**{m}**"]
         for t in tasks:
-            res = results.get((t["name"], m))
+            res = results.get((t.name, m))
             if res is None:
                 row.append("–")
             elif res["best"] is None:
@@ -316,10 +318,10 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
             else:
                 best = res["best"]
                 extra = f", {res['select_diverged']} diverged" if res["select_diverged"] else ""
-                row.append(f"lr {_fmt_num(best['lr'])}, wd {_fmt_num(best['wd'])} "
-                           f"(val {100 * best['val_accuracy']:.1f}{extra})")
+                row.append(f"lr {_fmt_num(best.lr)}, wd {_fmt_num(best.wd)} "
+                           f"(val {100 * best.val_accuracy:.1f}{extra})")
         rows_sel.append(row)
-    out += [_table(["Method"] + [t["name"] for t in tasks], rows_sel), ""]
+    out += [_table(["Method"] + [t.name for t in tasks], rows_sel), ""]
 
     out += ["## Artifact size per task and cost", "",
             "Artifact: `adapter.safetensors` + `adapter.json` of one final run (mean over seeds) — what must be "
@@ -330,7 +332,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
         row = [f"**{m}**"]
         secs, runs, peak = 0.0, 0, 0.0
         for t in tasks:
-            res = results.get((t["name"], m))
+            res = results.get((t.name, m))
             row.append("–" if not res or res["artifact_bytes"] is None else f"{res['artifact_bytes'] / 1024:,.0f} KiB")
             if res:
                 secs += res["seconds"]
@@ -338,7 +340,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
                 peak = max(peak, res["peak_memory_mb"] or 0.0)
         row += [str(runs), f"{secs / 60:.1f} min", f"{peak:,.0f} MB" if peak else "–"]
         rows_art.append(row)
-    out += [_table(["Method"] + [t["name"] for t in tasks] + ["Runs", "Time", "Peak memory"], rows_art), ""]
+    out += [_table(["Method"] + [t.name for t in tasks] + ["Runs", "Time", "Peak memory"], rows_art), ""]
     out += ["Peak memory: peak GPU memory on CUDA; on CPU the process's peak resident memory (it includes the "
             "decoded data kept for the whole bench).", ""]
 
@@ -347,13 +349,13 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
     rows_seed = []
     for m in methods:
         for t in tasks:
-            res = results.get((t["name"], m))
+            res = results.get((t.name, m))
             if not res or not res["finals"]:
                 continue
             per = ", ".join(f"{r['seed']}: " + ("diverged" if r["status"] != "ok" else
                                                "–" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}")
                             for r in res["finals"])
-            rows_seed.append([m, t["name"], per])
+            rows_seed.append([m, t.name, per])
     out += [_table(["Method", "Task", "seed: test top-1"], rows_seed, ["l", "l", "l"]) if rows_seed else
             "_no final runs yet_", ""]
     out += [f"Every run (selection and final) is a row of `{STORE}` with its full configuration.", ""]
@@ -366,7 +368,7 @@ def _efficiency_section(data: dict) -> list[str]:
     if not measured:
         return ["## Efficiency", "", "_not measured (the bench ran with --no-efficiency, or has not finished "
                 "a run of any method yet)_", ""]
-    methods = data["plan"]["methods"]
+    methods = data["plan"].methods
     measured = sorted(measured, key=lambda e: (methods.index(e["method"]), e["device"]))
     rows = []
     for e in measured:
@@ -427,8 +429,8 @@ def plot(data: dict, path: str | Path) -> Path | None:
         else:
             ax.text(0.5, 0.5, "no finished final runs yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("tuned parameters per task (incl. head, log scale)")
-        ax.set_ylabel(f"mean test top-1 (%) over {len(plan['tasks'])} task(s)")
-        ax.set_title(f"{plan['suite']} · {plan['backbone']['name']}", fontsize=10)
+        ax.set_ylabel(f"mean test top-1 (%) over {len(plan.tasks)} task(s)")
+        ax.set_title(f"{plan.suite} · {plan.backbone['name']}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -8,7 +8,8 @@ suite name or the path of a ``.toml`` file (copy a built-in one to start).
 
 Precedence, lowest first: ``[defaults]`` < the task's own keys < ``[methods.<name>]`` (epochs,
 batch_size, optimizer, warmup_epochs, lr_grid, wd_grid; any other key there is a method option)
-< command-line flags (``--epochs``, ``--lr-grid``, …) < ``--set <method>.<key>=<value>``.
+< command-line flags (``--epochs``, ``--lr-grid``, …) < ``--set <key>=<value>`` (every method) <
+``--set <method>.<key>=<value>`` (see :mod:`vistune.options` and :mod:`vistune.bench.plan`).
 A relative folder in ``data`` is relative to the working directory; ``{root}`` is replaced by
 ``--data-root`` (or the suite's ``root``).
 """
