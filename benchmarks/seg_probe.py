@@ -14,9 +14,10 @@ import time
 import torch
 
 from vistune.backbones import load_backbone
-from vistune.data.segmentation import confusion_matrix, load_seg_digits, scores_from_confusion, seg_transforms
+from vistune.data.segmentation import load_seg_digits, seg_transforms
 from vistune.methods import adapt, make_config
 from vistune.run import Job, preprocessing_for
+from vistune.training.metrics import confusion_matrix, scores_from_confusion
 
 
 def main(method: str, lr: float, epochs: int) -> None:

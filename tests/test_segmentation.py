@@ -24,15 +24,14 @@ from vistune.data.segmentation import (
     SegTransform,
     _generate,
     _SEEDS,
-    confusion_matrix,
     glyph,
     load_segmentation_data,
     read_mask,
-    scores_from_confusion,
     seg_digits_arrays,
     write_mask_png,
 )
 from vistune.errors import VistuneError
+from vistune.training.metrics import confusion_matrix, scores_from_confusion
 from vistune.methods import METHODS, adapt, make_config
 from vistune.training import TrainConfig, evaluate, train
 from vistune.training import trainer as trainer_mod

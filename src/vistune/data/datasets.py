@@ -1,9 +1,9 @@
-"""Datasets (files on disk or uint8 arrays in memory), stratified splits, and the folder / list-file readers."""
+"""Datasets (files on disk or uint8 arrays in memory), stratified splits, and the folder / list-file readers
+(``load_data``, in ``loading``, puts them together)."""
 from __future__ import annotations
 
 import abc
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,27 +181,91 @@ def stratified_pick(labels, n: int, seed: int, *, keep_one: bool = False) -> tup
 
 
 # ------------------------------------------------------------------------------------------ folder form
-def _visible_dirs(folder: Path) -> list[Path]:
+FileKey = tuple[int, int]  # (st_dev, st_ino): one file however many paths (symbolic or hard links) reach it
+
+
+def visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursively), skipping hidden files and folders; sorted."""
-    found = []
+@dataclass
+class FolderWalk:
+    """What :func:`walk_images` found below one folder."""
+
+    files: list[tuple[str, FileKey]]  # (path, file key), sorted by path, each file once
+    repeats: list[str]  # paths passed over: files or folders already reached by another path (links, loops)
+    broken: list[str]  # image names whose symbolic link leads nowhere (or that cannot be stat'ed)
+
+
+def walk_images(folder: Path) -> FolderWalk:
+    """Image files below ``folder`` (recursively, following symbolic links), skipping hidden files and folders.
+
+    Every folder is entered once and every file listed once, under the first path a sorted top-down walk
+    reaches it by: a link back up the tree (a loop) or a second link to the same folder or image is passed
+    over, not followed again. A link to an image or folder outside ``folder`` is followed (once)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return FolderWalk([], [], [])
+    seen_dirs = {(st.st_dev, st.st_ino)}
+    found: list[tuple[str, FileKey]] = []
+    repeats: list[str] = []
+    broken: list[str] = []
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in files if is_image_file(f))
-    return sorted(found)
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            try:
+                st = os.stat(os.path.join(root, d))
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                repeats.append(os.path.join(root, d))
+            else:
+                seen_dirs.add(key)
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            if is_image_file(f):
+                path = os.path.join(root, f)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    broken.append(path)
+                    continue
+                found.append((path, (st.st_dev, st.st_ino)))
+    found.sort()
+    seen_files: set[FileKey] = set()
+    files_once = []
+    for path, key in found:
+        if key in seen_files:
+            repeats.append(path)
+        else:
+            seen_files.add(key)
+            files_once.append((path, key))
+    return FolderWalk(files_once, sorted(repeats), broken)
+
+
+def images_under(folder: Path) -> list[str]:
+    """The image files below ``folder`` (see :func:`walk_images`), sorted."""
+    return [path for path, _ in walk_images(folder).files]
 
 
 _EXTS_TEXT = "jpg, jpeg, png, bmp, gif, webp, tif, tiff"
 
 
-def read_class_folders(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
+def _examples(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def read_class_folders(split_dir: Path, class_names: list[str] | None = None,
+                       notes: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
     """Read ``split_dir/<class>/*``; returns (class_names, paths, labels).
 
-    With ``class_names`` given (train's), a class folder unknown to it is an error; a missing one is fine."""
-    class_dirs = _visible_dirs(split_dir)
+    With ``class_names`` given (train's), a class folder unknown to it is an error; a missing one is fine.
+    Each image file is read once (see :func:`walk_images`); one file in two class folders is an error.
+    ``notes``: a list that receives a sentence about paths passed over as repeats, if any."""
+    class_dirs = visible_dirs(split_dir)
     if not class_dirs:
         loose = [p.name for p in split_dir.iterdir() if p.is_file() and is_image_file(p.name)]
         hint = (f" (it holds {len(loose)} loose images: move them into one sub-folder per class)" if loose else "")
@@ -221,33 +285,63 @@ def read_class_folders(split_dir: Path, class_names: list[str] | None = None) ->
     index = {n: i for i, n in enumerate(class_names)}
     paths: list[str] = []
     labels: list[int] = []
+    owner: dict[FileKey, str] = {}  # file → the first path (and so class folder) it was found under
+    conflicts: list[str] = []
+    repeats: list[str] = []
     for d in class_dirs:
-        files = _images_under(d)
-        if not files:
+        walk = walk_images(d)
+        if walk.broken:
+            raise VistuneError(f"{d} holds {len(walk.broken)} symbolic link(s) to images that do not exist: "
+                               f"{_examples(walk.broken)}",
+                               "remove those links or point them at existing images")
+        if not walk.files:
             raise VistuneError(f"class folder {d} holds no images (looked for {_EXTS_TEXT})",
                                "add images to it, or remove the empty folder")
-        paths += files
-        labels += [index[d.name]] * len(files)
+        repeats += walk.repeats
+        for path, key in walk.files:
+            if key in owner:
+                conflicts.append(f"{owner[key]} and {path}")
+                continue
+            owner[key] = path
+            paths.append(path)
+            labels.append(index[d.name])
+    if conflicts:
+        raise VistuneError(f"{split_dir}: {len(conflicts)} image file(s) are in two class folders at once "
+                           f"(the same file through a symbolic or hard link): {_examples(conflicts)}",
+                           "an image has one class: remove the link from the class folder it does not belong to")
+    if repeats and notes is not None:
+        notes.append(f"{split_dir}: {len(repeats)} path(s) lead to folders or images already read (symbolic or "
+                     f"hard links, e.g. a link back up the tree), each image is read once: {_examples(repeats)}")
     return class_names, paths, labels
 
 
 def read_folder(root: Path) -> dict:
     """Form 1: ``root/train/<class>/*`` with optional ``val/`` and ``test/``."""
-    class_names, paths, labels = read_class_folders(root / "train")
-    out = {"class_names": class_names, "train": FileDataset(paths, labels), "val": None, "test": None}
+    notes: list[str] = []
+    class_names, paths, labels = read_class_folders(root / "train", notes=notes)
+    out = {"class_names": class_names, "train": FileDataset(paths, labels), "val": None, "test": None,
+           "val_missing": f"no {root / 'val'} folder", "warnings": notes}
     for split in ("val", "test"):
         d = root / split
         if d.is_dir():
-            _, p, l = read_class_folders(d, class_names)
+            _, p, l = read_class_folders(d, class_names, notes=notes)
             out[split] = FileDataset(p, l)
     return out
 
 
 # --------------------------------------------------------------------------------------- list-file form
+def _outside_root(rel: str) -> bool:
+    """True for an absolute path or one whose ``..`` parts climb above the list file's folder."""
+    return Path(rel).is_absolute() or os.path.normpath(rel).split(os.sep)[0] == os.pardir
+
+
 def _read_list(root: Path, list_path: Path) -> tuple[list[str], list[int], list[int]]:
     """Lines ``relative/path label`` (the label is the last whitespace-separated token).
 
-    Returns paths, labels and the line number of each entry (for error messages)."""
+    Paths are relative to ``root``, and must stay inside it: an absolute path or one climbing out with
+    ``..`` is an error (a list file then reads only the folder it came with; images stored elsewhere are
+    reached through a symbolic link inside ``root``). Returns paths, labels and the line number of each
+    entry (for error messages)."""
     try:
         text = list_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -271,8 +365,15 @@ def _read_list(root: Path, list_path: Path) -> tuple[list[str], list[int], list[
         if label < 0:
             raise VistuneError(f"{list_path}, line {no}: label {label} is negative",
                                "labels must be 0..C-1 (line i of classes.txt names label i)")
-        p = Path(rel)
-        full = p if p.is_absolute() else root / p
+        if _outside_root(rel):
+            kind = "is absolute" if Path(rel).is_absolute() else "climbs out with '..'"
+            raise VistuneError(
+                f"{list_path}, line {no}: image path {rel!r} {kind}: list files may only name images inside "
+                f"{root}",
+                f"write the path relative to {root}; for images stored elsewhere, put a symbolic link to their "
+                f"folder inside {root} (e.g. ln -s /data/images {root / 'images'}) and list them through it",
+            )
+        full = root / rel
         if not full.is_file():
             raise VistuneError(f"{list_path}, line {no}: image {full} does not exist",
                                f"fix the path (it is relative to {root}) or remove the line")
@@ -308,6 +409,7 @@ def read_list_folder(root: Path, protocol: str) -> dict:
     if "train800.txt" not in lists and "train800val200.txt" not in lists:
         raise VistuneError(f"{root} has no train800.txt or train800val200.txt",
                            "add a training list file (lines '<relative/path> <label>')")
+    notes: list[str] = []
     classes_txt = root / "classes.txt"
     if classes_txt.is_file():
         class_names = _read_classes_txt(classes_txt)
@@ -325,15 +427,15 @@ def read_list_folder(root: Path, protocol: str) -> dict:
         seen = set().union(*(set(labels) for _, labels, _ in lists.values()))
         missing = [i for i in range(num) if i not in seen]
         if missing:
-            warnings.warn(f"labels in {root} run 0..{num - 1} but no image has label(s) "
-                          f"{', '.join(map(str, missing[:10]))}{'…' if len(missing) > 10 else ''}", stacklevel=3)
+            notes.append(f"labels in {root} run 0..{num - 1} but no image has label(s) "
+                         f"{', '.join(map(str, missing[:10]))}{'…' if len(missing) > 10 else ''}")
 
     def ds(name):
         paths, labels, _ = lists[name]
         return FileDataset(paths, labels)
 
     out = {"class_names": class_names, "val": None, "test": ds("test.txt") if "test.txt" in lists else None,
-           "final_train": None}
+           "final_train": None, "val_missing": f"no {root / 'val200.txt'}", "warnings": notes}
     has_train, has_val, has_tv = ("train800.txt" in lists, "val200.txt" in lists, "train800val200.txt" in lists)
     if has_train:
         out["train"] = ds("train800.txt")
@@ -348,135 +450,3 @@ def read_list_folder(root: Path, protocol: str) -> dict:
     if protocol == "final" and has_tv and out["val"] is not None:
         out["final_train"] = ds("train800val200.txt")
     return out
-
-
-# ------------------------------------------------------------------------------------------- load_data
-PROTOCOLS = ("train-val", "final")
-
-
-@dataclass
-class DataSplits:
-    train: Dataset  # items: (image tensor CxHxW float, int label)
-    val: Dataset
-    test: Dataset | None
-    class_names: list[str]
-    source: str  # the spec string it was loaded from
-    val_from_train: bool  # True when val was a fixed-seed stratified split of train
-
-    def summary(self) -> str:
-        test = f"{len(self.test)} test" if self.test is not None else "no test"
-        return f"{len(self.train)} train / {len(self.val)} val / {test}, {len(self.class_names)} classes"
-
-
-def _positive_int(value, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise VistuneError(f"{name} must be a positive integer, got {value!r}", f"e.g. {name}=800")
-    return int(value)
-
-
-def _resolve(spec: str, protocol: str) -> dict:
-    """Read the raw splits of ``spec``: {'class_names', 'train', 'val'|None, 'test'|None, ['final_train']}."""
-    from .builtin import BUILTIN_DATASETS, load_builtin, read_image_tarball
-
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "train").is_dir():
-            return read_folder(path)
-        if any((path / name).is_file() for name in LIST_FILES):
-            return read_list_folder(path, protocol)
-        subdirs = _visible_dirs(path)
-        hint = ""
-        if subdirs and any(_images_under(d) for d in subdirs[:20]):
-            hint = (f" (its sub-folders {', '.join(d.name for d in subdirs[:5])}{'…' if len(subdirs) > 5 else ''} "
-                    "hold images: if they are classes, move them into a train/ folder)")
-        raise VistuneError(
-            f"{path} has neither a train/ folder nor list files ({', '.join(LIST_FILES)}){hint}",
-            f"lay it out as {path}/train/<class>/<image> (optional val/ and test/ alike), "
-            "or add NOAH/VTAB-1k list files with lines '<relative/path> <label>'",
-        )
-    if path.is_file():
-        if spec.lower().endswith((".tar.gz", ".tgz", ".tar")):
-            return read_image_tarball(path)
-        raise VistuneError(f"{path} is a file, not a data folder",
-                           f"give the folder that holds train/ or the list files (perhaps {path.parent})")
-    name, sep, arg = spec.partition(":")
-    key = name.strip().lower().replace("_", "-")
-    if key == "cifar10" and sep and Path(arg).expanduser().is_dir():
-        return _resolve(arg, protocol)  # an extracted cifar10 tarball is a plain folder
-    if key in BUILTIN_DATASETS:
-        return load_builtin(key, arg if sep else None)
-    from ..errors import suggest
-
-    looks_like_path = os.sep in spec or "/" in spec or spec.startswith(".")
-    where = f"no such folder: {spec}" if looks_like_path and not sep else f"unknown data set {spec!r}"
-    raise VistuneError(
-        f"{where}; it is neither a folder nor a built-in data set.{suggest(key, BUILTIN_DATASETS)}",
-        "give a folder (train/<class>/<image>, or NOAH/VTAB-1k list files) or a built-in data set: "
-        + ", ".join(k + (":<path>" if k == "cifar10" else "") for k in BUILTIN_DATASETS),
-    )
-
-
-def load_data(spec: str, *, train_transform, eval_transform, train_size: int | None = None,
-              val_size: int | None = None, test_size: int | None = None, seed: int = 0,
-              val_fraction: float = 0.2, protocol: str = "train-val") -> DataSplits:
-    """Load train / val / (test) splits from a folder, list-file folder, built-in name or ``cifar10:<path>``.
-
-    Without a val split, val is a stratified ``val_fraction`` (or ``val_size``) of train, fixed by ``seed``.
-    ``train_size``/``val_size`` take stratified subsets (VTAB-1k style: 800/200). ``protocol='final'``
-    trains on train ∪ val (val stays as it is, for monitoring). ``test_size`` evaluates on a fixed
-    stratified subset of test (seed 0, the same for every run), for quick comparisons."""
-    if protocol not in PROTOCOLS:
-        from ..errors import suggest
-
-        raise VistuneError(f"unknown protocol {protocol!r}.{suggest(str(protocol), PROTOCOLS)}",
-                           "use 'train-val' (select on val) or 'final' (retrain on train + val)")
-    train_size = _positive_int(train_size, "train_size")
-    val_size = _positive_int(val_size, "val_size")
-    test_size = _positive_int(test_size, "test_size")
-    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-        raise VistuneError(f"val_fraction must be between 0 and 1, got {val_fraction!r}", "e.g. val_fraction=0.2")
-    raw = _resolve(str(spec), protocol)
-    class_names = list(raw["class_names"])
-    pool: ImageDataset = raw["train"]
-    val: ImageDataset | None = raw["val"]
-    test: ImageDataset | None = raw["test"]
-    val_from_train = val is None
-    if val is None:
-        n_val = val_size if val_size is not None else max(1, round(val_fraction * len(pool)))
-        can_give = int(np.sum(np.maximum(np.bincount(pool.labels) - 1, 0)))
-        if n_val > can_give:
-            raise VistuneError(
-                f"{spec} has {len(pool)} training images: too few to split off {n_val} for validation "
-                "while keeping every class in train",
-                "add images, add a val split, or ask for fewer validation images (val_size / val_fraction)",
-            )
-        val_idx, rest = stratified_pick(pool.labels, n_val, seed, keep_one=True)
-        val, pool = pool.subset(val_idx), pool.subset(rest)
-    elif val_size is not None:
-        if val_size > len(val):
-            raise VistuneError(f"val_size={val_size} exceeds the {len(val)} validation images of {spec}",
-                               f"use val_size of at most {len(val)}")
-        val = val.subset(stratified_pick(val.labels, val_size, seed)[0])
-    if train_size is not None:
-        if train_size > len(pool):
-            after = f" (after splitting off {len(val)} for validation)" if val_from_train else ""
-            raise VistuneError(f"train_size={train_size} exceeds the {len(pool)} training images of {spec}{after}",
-                               f"use train_size of at most {len(pool)}")
-        pool = pool.subset(stratified_pick(pool.labels, train_size, seed)[0])
-    if test_size is not None and test is not None and test_size < len(test):
-        test = test.subset(stratified_pick(test.labels, test_size, 0)[0])
-    if protocol == "final":
-        if raw.get("final_train") is not None and train_size is None and val_size is None:
-            pool = raw["final_train"]
-        else:
-            pool = concat(pool, val, None)
-    return DataSplits(
-        train=pool.with_transform(train_transform),
-        val=val.with_transform(eval_transform),
-        test=test.with_transform(eval_transform) if test is not None else None,
-        class_names=class_names,
-        source=str(spec),
-        val_from_train=val_from_train,
-    )

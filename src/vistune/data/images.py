@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from ..errors import VistuneError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 _FIX_BAD_FILE = "remove or replace the file"
+PIXEL_LIMIT_ENV = "VISTUNE_MAX_IMAGE_PIXELS"
 
 
 def is_image_file(name: str | os.PathLike) -> bool:
@@ -69,32 +72,112 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
 
 
-def _decode(fp, where: str) -> Image.Image:
+def max_image_pixels() -> int | None:
+    """The most pixels (width × height) an image may have: $VISTUNE_MAX_IMAGE_PIXELS, else PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default; ``None`` there means no limit).
+
+    A larger image is refused, not decoded: PIL's guard against decompression bombs (a small file that
+    expands into gigabytes) only warns between 1× and 2× its limit and still decodes, which here would hold
+    hundreds of MB per data-loader worker for an image the model sees at its input size anyway. Setting
+    the variable above PIL's limit raises PIL's ``Image.MAX_IMAGE_PIXELS`` for this process to match."""
+    text = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if not text:
+        return Image.MAX_IMAGE_PIXELS
     try:
-        img = Image.open(fp)
+        limit = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise VistuneError(f"{PIXEL_LIMIT_ENV}={text!r} is not a positive whole number of pixels",
+                           f"e.g. {PIXEL_LIMIT_ENV}=200000000 (200 megapixels), or unset it")
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # else PIL itself refuses images above twice its own limit
+    return limit
+
+
+def _too_large(where: str, pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> VistuneError:
+    if size is not None:
+        dims = f"{size[0]}×{size[1]} = {size[0] * size[1]:,} pixels"
+    else:
+        dims = f"{pixels:,} pixels" if pixels is not None else "more pixels than PIL allows"
+    need = f"{PIXEL_LIMIT_ENV}={pixels}" if pixels is not None else f"{PIXEL_LIMIT_ENV}=<pixels>"
+    return VistuneError(
+        f"image {where} is too large to decode: {dims}, more than the limit of {limit:,} pixels "
+        "(a guard against decompression bombs; the file itself need not be damaged)",
+        "downscale it (the model sees it at its input size anyway), e.g. ImageMagick: "
+        f"magick in.png -resize 4096x4096 out.png; or, if you trust the file, raise the limit: {need}",
+    )
+
+
+def _open(fp, where: str) -> Image.Image:
+    """``Image.open`` (header only) with the pixel limit checked; every failure is a VistuneError."""
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 1× and 2× its limit and would go on to decode: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except Image.DecompressionBombError as e:  # above 2× PIL's limit PIL refuses before the size is known
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(where, int(found.group(1)) if found else None, limit or 0) from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+        raise _unreadable(where, e) from e
+    if limit is not None and img.width * img.height > limit:
+        img.close()
+        raise _too_large(where, img.width * img.height, limit, img.size)
+    return img
+
+
+def _unreadable(where: str, e: Exception) -> VistuneError:
+    return VistuneError(f"cannot read image {where}: truncated or not an image ({type(e).__name__}: {e})",
+                        _FIX_BAD_FILE)
+
+
+def _decode(fp, where: str) -> Image.Image:
+    img = _open(fp, where)
+    try:
         img.load()  # force full decoding: truncated files fail here (LOAD_TRUNCATED_IMAGES stays False)
         return to_rgb(img)
     except VistuneError:
         raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
-        raise VistuneError(
-            f"cannot read image {where}: truncated or not an image ({type(e).__name__}: {e})", _FIX_BAD_FILE
-        ) from e
+    except Exception as e:
+        raise _unreadable(where, e) from e
+
+
+def _opened_file(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise VistuneError(f"cannot read image {path}: no such file", "check the path") from None
+    except IsADirectoryError:
+        raise VistuneError(f"cannot read image {path}: it is a folder", "give the path of an image file") from None
+    except OSError as e:
+        raise VistuneError(f"cannot read image {path}: {e.strerror or e}", "check the file's permissions") from e
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file; always returns an 8-bit RGB image."""
     path = Path(path)
-    if not path.exists():
-        raise VistuneError(f"cannot read image {path}: no such file", "check the path")
-    if path.is_dir():
-        raise VistuneError(f"cannot read image {path}: it is a folder", "give the path of an image file")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise VistuneError(f"cannot read image {path}: {e.strerror or e}", "check the file's permissions") from e
-    with f:
+    with _opened_file(path) as f:
         return _decode(f, str(path))
+
+
+def check_image_file(path: str | os.PathLike, *, full: bool = False, modes: tuple[str, ...] | None = None) -> None:
+    """Raise the VistuneError :func:`load_image` would raise for ``path``, at the cost of reading the header:
+    PIL's ``verify()`` (PNG: every chunk's checksum; JPEG: the markers up to the image data), the pixel
+    limit and, with ``modes``, the image mode. ``full``: decode it (slower; finds truncated JPEG data too)."""
+    path = Path(path)
+    with _opened_file(path) as f:
+        img = _open(f, str(path))
+        try:
+            if full:
+                img.load()
+            else:
+                img.verify()
+        except Exception as e:
+            raise _unreadable(str(path), e) from e
+        if modes is not None and img.mode not in modes:
+            raise VistuneError(f"image {path} is a {img.mode} image, expected {' or '.join(modes)}", _FIX_BAD_FILE)
 
 
 def decode_image_bytes(data: bytes, where: str) -> Image.Image:

@@ -1,5 +1,5 @@
 """Semantic segmentation data: the built-in ``seg-digits`` set, a VOC/ADE20K-style folder reader, paired
-image/mask transforms, mIoU from a confusion matrix, and palette mask PNGs.
+image/mask transforms, and palette mask PNGs (the mIoU metric is in ``vistune.training.metrics``).
 
 Items are ``(image tensor (3, S, S) float, mask tensor (S, S) int64)``; mask value 255 = ignore.
 
@@ -29,6 +29,7 @@ from ..errors import VistuneError
 from .images import is_image_file, load_image
 
 IGNORE_INDEX = 255
+MASK_MODES = ("P", "L", "I", "I;16")  # index masks: palette or grey, values = class indices
 SEG_BUILTINS: dict[str, str] = {
     "seg-digits": "generated from real images: 1-3 real MNIST digits (mnist5k) composited onto random crops of "
                   "real photos (scikit-learn's sample images) at known positions, exact masks; 11 classes "
@@ -101,7 +102,7 @@ def read_mask(path) -> np.ndarray:
     """An index mask: palette ('P') or grey ('L'/'I') PNG, values = class indices, 255 = ignore."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16"):
+            if im.mode not in MASK_MODES:
                 raise VistuneError(f"mask {path} is a {im.mode} image, not an index mask",
                                    "save masks as palette (mode P) or greyscale PNGs whose values are class "
                                    "indices (255 = ignore), as Pascal VOC and ADE20K ship them")
@@ -316,15 +317,18 @@ def _seeded_subset(n_total: int, n: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def load_segmentation_data(spec: str, *, train_transform, eval_transform, train_size: int | None = None,
-                           val_size: int | None = None, test_size: int | None = None, seed: int = 0,
-                           val_fraction: float = 0.2, protocol: str = "train-val"):
+                           val_size: int | None = None, test_size: int | None = None, data_seed: int | None = None,
+                           val_fraction: float = 0.2, protocol: str = "train-val", seed: int | None = None):
     """Train / val / (test) image-mask splits of ``seg-digits`` or a segmentation folder, as DataSplits.
 
-    Without a val split, val is a seeded ``val_fraction`` (or ``val_size``) of train; ``train_size`` /
-    ``val_size`` take seeded random subsets, ``test_size`` a fixed (seed 0) one; ``protocol='final'``
-    trains on train ∪ val."""
+    Without a val split, val is a random ``val_fraction`` (or ``val_size``) of train fixed by ``data_seed``
+    (default 0; ``seed`` is its older name, as for :func:`~vistune.data.load_data`), and
+    ``DataSplits.val_note`` says so; ``train_size`` / ``val_size`` take random subsets by ``data_seed``,
+    ``test_size`` a fixed (seed 0) one; ``protocol='final'`` trains on train ∪ val."""
     from .builtin import BUILTIN_DATASETS
-    from .datasets import DataSplits
+    from .loading import DataSplits, emit, resolve_data_seed
+
+    data_seed = resolve_data_seed(data_seed, seed)
 
     key = str(spec).strip().lower().replace("_", "-")
     path = Path(str(spec)).expanduser()
@@ -340,63 +344,44 @@ def load_segmentation_data(spec: str, *, train_transform, eval_transform, train_
                            f"use {', '.join(SEG_BUILTINS)} or a folder laid out as {LAYOUT}")
     train, val, test = raw["train"], raw["val"], raw["test"]
     val_from_train = val is None
+    val_note = ""
     if val is None:
         n_val = val_size or max(1, round(val_fraction * len(train)))
         if n_val >= len(train):
             raise VistuneError(f"{spec} has {len(train)} training images: too few to split off {n_val} for "
                                "validation", "add images or a val split, or ask for a smaller --val-size")
-        v, t = _seeded_subset(len(train), n_val, seed)
+        v, t = _seeded_subset(len(train), n_val, data_seed)
+        share = (f"{val_fraction:.0%} of train ({n_val} of {len(train)} images, random, data seed {data_seed}) is"
+                 if not val_size else
+                 f"{n_val} of train's {len(train)} images (val_size, random, data seed {data_seed}) are")
+        val_note = f"{spec} has no val split: {share} used for validation"
         train, val = train.subset(t), train.subset(v)
     elif val_size is not None:
         if val_size > len(val):
             raise VistuneError(f"val_size={val_size} exceeds the {len(val)} validation images of {spec}",
                                f"use at most {len(val)}")
-        val = val.subset(_seeded_subset(len(val), val_size, seed)[0])
+        val = val.subset(_seeded_subset(len(val), val_size, data_seed)[0])
     if train_size is not None:
         if train_size > len(train):
             raise VistuneError(f"train_size={train_size} exceeds the {len(train)} training images of {spec}",
                                f"use at most {len(train)}")
-        train = train.subset(_seeded_subset(len(train), train_size, seed)[0])
+        train = train.subset(_seeded_subset(len(train), train_size, data_seed)[0])
     if test_size is not None and test is not None and test_size < len(test):
         test = test.subset(_seeded_subset(len(test), test_size, 0)[0])
     if protocol == "final":
         if train.source is not val.source:
             raise VistuneError(f"{spec}: protocol 'final' needs train and val from the same source")
         train = SegDataset(train.source, np.concatenate([train.indices, val.indices]))
-    return DataSplits(train=train.with_transform(train_transform), val=val.with_transform(eval_transform),
-                      test=test.with_transform(eval_transform) if test is not None else None,
-                      class_names=list(raw["class_names"]), source=str(spec), val_from_train=val_from_train)
+    splits = DataSplits(train=train.with_transform(train_transform), val=val.with_transform(eval_transform),
+                        test=test.with_transform(eval_transform) if test is not None else None,
+                        class_names=list(raw["class_names"]), source=str(spec), val_from_train=val_from_train,
+                        data_seed=data_seed, val_note=val_note)
+    emit(splits)
+    return splits
 
 
 def is_segmentation_data(spec: str) -> bool:
     return str(spec).strip().lower().replace("_", "-") in SEG_BUILTINS
-
-
-# ------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """(K, K) int64 counts, rows = ground truth, columns = prediction; ``ignore_index`` pixels left out."""
-    keep = target != ignore_index
-    t, p = target[keep].long(), pred[keep].long()
-    if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
-        raise VistuneError(f"a mask holds label {int(t.max())}, but the model has {num_classes} classes",
-                           "masks must hold labels 0..K-1 (or 255 = ignore)")
-    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def scores_from_confusion(conf) -> dict:
-    """mIoU and pixel accuracy from a confusion matrix.
-
-    IoU_k = TP / (TP + FP + FN); mIoU = the mean over classes with TP + FP + FN > 0, i.e. classes present in
-    the ground truth or in the prediction (a class absent from both is left out, as mmsegmentation's nanmean)."""
-    conf = torch.as_tensor(conf, dtype=torch.float64)
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    iou = [float(tp[k] / union[k]) if union[k] > 0 else None for k in range(len(tp))]
-    present = [v for v in iou if v is not None]
-    total = float(conf.sum())
-    return {"miou": sum(present) / len(present) if present else 0.0,
-            "pixel_accuracy": float(tp.sum()) / total if total else 0.0, "iou": iou}
 
 
 # ------------------------------------------------------------------------------------------ mask PNG

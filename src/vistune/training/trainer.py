@@ -32,10 +32,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .._io import atomic_write
-from ..data.segmentation import IGNORE_INDEX, confusion_matrix, scores_from_confusion
+from ..data.segmentation import IGNORE_INDEX
 from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
 from . import distributed
+from .metrics import confusion_matrix, scores_from_confusion
 
 STATE_FILE = "train_state.pt"
 
