@@ -153,7 +153,7 @@ def test_eval_on_val_uses_the_training_runs_val_split(trained, data, monkeypatch
     monkeypatch.setattr(training_mod, "evaluate", record)
     rc, _, err = cli("eval", "--adapter", out, "--data", data, "--split", "val", "--json", "--quiet")
     assert rc == 0, err
-    trained_on = load_data(str(data), train_transform=None, eval_transform=None, seed=5)  # the run's --seed 5
+    trained_on = load_data(str(data), train_transform=None, eval_transform=None, data_seed=0)  # --seed 5 draws no data
     assert seen == [trained_on.val.paths], "eval --split val must not score images the adapter trained on"
 
 

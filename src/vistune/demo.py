@@ -45,7 +45,7 @@ def run_demo(out: str = "vistune-demo", quick: bool = False, device: str = "auto
                   f"{sizes['test_size']} test images")
     probe = Job(backbone=BACKBONE, method="linear", data=data_name, image_size=image_size)
     train_tf, eval_tf = transforms_for(preprocessing_for(backbone, probe))
-    data = load_data(data_name, train_transform=train_tf, eval_transform=eval_tf, seed=0, **sizes)
+    data = load_data(data_name, train_transform=train_tf, eval_transform=eval_tf, data_seed=0, **sizes)
     console.print(f"data: {data.summary()}")
     rows = []
     for method, sets, epochs, lr in DEMO_METHODS:

@@ -45,7 +45,7 @@ def parse_sets(pairs: Iterable[str] | None, methods: Sequence[str], *, flag: str
         method, key = (method.strip(), key.strip()) if dot else ("", method.strip())
         if not eq or not key or (dot and not method):
             raise VistuneError(
-                f"{flag} {pair!r} is not KEY=VALUE or METHOD.KEY=VALUE",
+                f"{flag} {pair!r} is not key=value (KEY=VALUE or METHOD.KEY=VALUE)",
                 f"write e.g. {flag} {key or 'KEY'}=VALUE (every method in {methods_flag}) or "
                 f"{flag} {example}.{key or 'KEY'}=VALUE ({example} only)",
             )

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from . import __version__
 from ._io import atomic_write_json
 from .artifacts import artifact_bytes, save_artifact
 from .backbones import BackboneView, load_backbone
-from .data import DataSplits, build_transforms, load_data
+from .data import DataSplits, DataWarning, build_transforms, load_data, verify_decodable
 from .data.segmentation import SEG_BUILTINS, is_segmentation_data, load_segmentation_data, seg_transforms
 from .errors import VistuneError
 from .methods import MethodConfig, adapt, count_parameters, make_config
@@ -45,6 +47,7 @@ class Job:
     train_size: int | None = None
     val_size: int | None = None
     test_size: int | None = None
+    data_seed: int = 0  # draws the val carve and the subsets; independent of the training seed
     protocol: str = "train-val"
     train: TrainConfig = field(default_factory=TrainConfig)
     task: str = "classification"  # or "segmentation": FPN decoder head, image/mask data, mIoU
@@ -72,7 +75,7 @@ def transforms_for(preprocessing: dict):
 def split_settings(job: Job) -> dict:
     """How the splits were drawn; stored in the artifact so `vistune eval` can redraw the same val split."""
     return {"train_size": job.train_size, "val_size": job.val_size, "test_size": job.test_size,
-            "seed": job.train.seed, "protocol": job.protocol}
+            "data_seed": job.data_seed, "protocol": job.protocol}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -125,9 +128,11 @@ def _method_config(job: Job, image_size: int | None) -> MethodConfig:
 
 
 def prepare_job(job: Job, *, backbone: BackboneView | None = None, data: DataSplits | None = None,
-                augment: bool | None = None) -> JobSetup:
+                augment: bool | None = None, notify: Callable[[str], None] | None = None) -> JobSetup:
     """Resolve a job: its method config (validated before any slow loading), device, backbone, preprocessing and
-    data splits. ``augment=False`` loads the training split with the eval transform (calibration passes)."""
+    data splits, every image file of which is checked to decode before any training. ``augment=False`` loads the
+    training split with the eval transform (calibration passes). ``notify(line)`` hears what a user should know
+    about the data before training starts (the splits, a val split carved from train, classes a split lacks)."""
     config = _method_config(job, job.image_size)  # fails fast on a bad option; built once when sized by --image-size
     device = resolve_device(job.train.device)
     if backbone is None:
@@ -144,19 +149,28 @@ def prepare_job(job: Job, *, backbone: BackboneView | None = None, data: DataSpl
                                "add --task segmentation")
         make_transforms, load = data_for_task(job.task)
         train_tf, eval_tf = make_transforms(prep)
-        data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if notify is not None else "default", DataWarning)  # notify says them
+            data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
+        verify_decodable(data)
+        if notify is not None:
+            for line in [f"data: {data.summary()}", getattr(data, "val_note", None), *getattr(data, "warnings", [])]:
+                if line:
+                    notify(line)
     return JobSetup(job, backbone, prep, data, config, device)
 
 
 def run_job(job: Job, *, resume: bool = False, progress: bool = True,
-            backbone: BackboneView | None = None, data: DataSplits | None = None, on_step=None) -> dict:
+            backbone: BackboneView | None = None, data: DataSplits | None = None, on_step=None,
+            notify: Callable[[str], None] | None = None) -> dict:
     """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``.
-    ``on_step(done, total)``: called after every training step (see :func:`~vistune.training.train`)."""
+    ``on_step(done, total)``: called after every training step (see :func:`~vistune.training.train`);
+    ``notify(line)``: see :func:`prepare_job`."""
     out = Path(job.out) if job.out else None
     progress = progress and distributed.is_main()
     if out is not None:
         check_out_dir(out, resume)
-    setup = prepare_job(job, backbone=backbone, data=data)
+    setup = prepare_job(job, backbone=backbone, data=data, notify=notify)
     backbone, prep, data, config, device = setup.backbone, setup.preprocessing, setup.data, setup.config, setup.device
     segmentation = job.task == "segmentation"
     make_transforms = data_for_task(job.task)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..data import load_data
+from ..data import load_data, verify_decodable
 from ..errors import TrainingDiverged
 from ..run import Job, preprocessing_for, run_job, transforms_for
 from ..training import TrainConfig
@@ -49,7 +49,8 @@ def _job(cell: Cell, ctx: SweepContext, *, lr: float, wd: float, seed: int, out:
                overrides=dict(cell.options), checkpoint=b.checkpoint, random_init=b.source == "random-init",
                model_kwargs=dict(b.model_kwargs or {}), image_size=s["image_size"],
                normalization=s["normalization"], augment=s["augment"], train_size=s["train_size"],
-               val_size=s["val_size"], protocol="final" if final else "train-val", train=train)
+               val_size=s["val_size"], data_seed=s["data_seed"], protocol="final" if final else "train-val",
+               train=train)
 
 
 def select_job(cell: Cell, sel: SelectRun, ctx: SweepContext) -> Job:
@@ -72,7 +73,8 @@ def load_phase_data(backbone, cell: Cell, spec: str, phase: str):
     final = phase == "final"
     data = load_data(spec, train_transform=train_tf, eval_transform=eval_tf, train_size=s["train_size"],
                      val_size=s["val_size"], test_size=s["test_size"] if final else None,
-                     seed=s["data_seed"], protocol="final" if final else "train-val")
+                     data_seed=s["data_seed"], protocol="final" if final else "train-val")
+    verify_decodable(data)
     if not final:
         data = dataclasses.replace(data, test=None)  # selection never sees test
     return dataclasses.replace(data, train=maybe_cache(data.train, s["image_size"], s["augment"]),

@@ -34,9 +34,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--image-size", type=int, metavar="N", help="default: the suite's (or the backbone's)")
     p.add_argument("--batch-size", type=int, metavar="N", help="default: the suite's")
     p.add_argument("--test-size", type=int, metavar="N", help="fixed stratified test subset (default: the suite's)")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="method option (adapter.reduction=8) or per-method epochs/batch_size/optimizer/"
-                        "warmup_epochs/lr_grid/wd_grid (linear.epochs=30); repeatable")
+                        "warmup_epochs/lr_grid/wd_grid (linear.epochs=30); a bare KEY=VALUE applies to every "
+                        "method; repeatable")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: runs one after another in this process; ray: in parallel on Ray "

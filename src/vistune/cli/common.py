@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import VistuneError
 
 console = Console()
 
@@ -28,15 +28,17 @@ def subparser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
 
-def parse_sets(pairs: list[str]) -> dict[str, str]:
-    """``--set key=value`` pairs → {key: value} (values stay strings; the method's config types them)."""
-    out = {}
-    for pair in pairs or []:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise VistuneError(f"--set {pair!r} is not key=value", "write e.g. --set reduction=8")
-        out[key.strip()] = value.strip()
-    return out
+def method_options(pairs: list[str], method: str) -> dict[str, str]:
+    """`vistune train`'s ``--set [METHOD.]KEY=VALUE`` pairs → {key: value} for ``method`` (values stay strings;
+    the method's config types them). The grammar is the one `vistune bench` uses (vistune.options)."""
+    from ..options import parse_sets
+
+    return parse_sets(pairs, [method], methods_flag="--method").for_method(method)
+
+
+def notify(line: str) -> None:
+    """A line about the job for the user (its data, a carved val split, missing classes); user text escaped."""
+    console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 # ---- argument groups -----------------------------------------------------------------------
@@ -64,6 +66,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="input size in pixels (default: the backbone's pretrained size)")
     p.add_argument("--normalization", choices=["pretrained_cfg", "paper"], default="pretrained_cfg",
                    help="mean/std of the backbone's pretrained_cfg, or ImageNet's as the VPT/SCT papers")
+    p.add_argument("--data-seed", type=int, default=0, metavar="N",
+                   help="seed of the val split carved from train (when there is no val/) and of the subsets; "
+                        "independent of --seed")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +87,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="label smoothing of the loss")
     p.add_argument("--select", choices=["best-val", "last"], default="best-val",
                    help="which epoch's weights to keep (never selected on test)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the method's initialisation, shuffling and "
-                                                         "dropout (also draws the data subsets)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the method's initialisation, shuffling and dropout (the data: --data-seed)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on CPU where it is slower)")

@@ -44,12 +44,16 @@ def cmd_methods(args) -> int:
     if args.details:
         for info in sorted(_ordered(), key=lambda i: i.name):
             fields = info.config_class.fields_help()
-            t = Table(title=f"{info.name}: trains with {training_defaults(info)}; options (--set key=value)")
+            defaults = f"trains with {training_defaults(info)}"
+            if not fields:
+                console.print(f"{info.name}: no options; {defaults}")
+                continue
+            t = Table(title=f"{info.name} options (--set key=value)", caption=defaults)
             for col in ("key", "type", "default", "help"):
                 t.add_column(col)
             for key, (tp, default, text) in fields.items():
                 t.add_row(key, tp, repr(default), text)
-            console.print(t if fields else t.title + ": no options")
+            console.print(t)
     else:
         console.print("Options and training defaults of each method: vistune methods --details")
     return 0

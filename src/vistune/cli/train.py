@@ -4,7 +4,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..errors import VistuneError
-from .common import add_backbone_args, add_data_args, add_train_args, console, parse_sets, subparser, train_config
+from .common import (add_backbone_args, add_data_args, add_train_args, console, method_options, notify, subparser,
+                     train_config)
 
 
 def _print_metrics(m: dict) -> None:
@@ -31,11 +32,12 @@ def cmd_train(args) -> int:
     from ..training import distributed
 
     job = Job(backbone=args.backbone, method=args.method, data=args.data, out=args.out,
-              overrides=parse_sets(args.set), checkpoint=args.checkpoint, random_init=args.random_init,
+              overrides=method_options(args.set, args.method), checkpoint=args.checkpoint, random_init=args.random_init,
               image_size=args.image_size, normalization=args.normalization, augment=args.augment,
-              train_size=args.train_size, val_size=args.val_size, train=train_config(args), task=args.task)
+              train_size=args.train_size, val_size=args.val_size, data_seed=args.data_seed, train=train_config(args),
+              task=args.task)
     with distributed.process_group(args.device):  # several processes under torchrun; else a no-op
-        metrics = run_job(job, resume=args.resume, progress=not args.quiet)
+        metrics = run_job(job, resume=args.resume, progress=not args.quiet, notify=notify)
         if not distributed.is_main():
             return 0  # rank 0 reports (and alone wrote the artifact)
     metrics.pop("model")
@@ -59,9 +61,9 @@ def cmd_calibrate(args) -> int:
                  **({"ratio": args.ratio} if args.ratio is not None else {})}
     job = Job(backbone=args.backbone, method="sct", data=args.data, overrides=overrides, checkpoint=args.checkpoint,
               random_init=args.random_init, image_size=args.image_size, normalization=args.normalization,
-              train_size=args.train_size, val_size=args.val_size,
-              train=TrainConfig(seed=args.seed, device=args.device))
-    setup = prepare_job(job, augment=False)  # the split `vistune train` calibrates on, un-augmented
+              train_size=args.train_size, val_size=args.val_size, data_seed=args.data_seed,
+              train=TrainConfig(device=args.device))
+    setup = prepare_job(job, augment=False, notify=notify)  # the split `vistune train` calibrates on, un-augmented
     config = setup.config
     result = calibrate(setup.backbone, setup.data.train, placement=config.placement, top_k=config.top_k,
                        ratio=config.ratio, batch_size=args.batch_size, device=setup.device, progress=not args.quiet)
@@ -90,8 +92,8 @@ def add_parsers(sub) -> None:
     p = subparser(sub, "train", help="train a method on a dataset and write an artifact")
     add_backbone_args(p)
     p.add_argument("--method", required=True, metavar="M", help="method name (see `vistune methods`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, repeatable (see `vistune methods --details`)")
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="method option, repeatable (see `vistune methods --details`), e.g. --set r=8")
     add_data_args(p)
     p.add_argument("--out", required=True, metavar="OUT", help="folder for the artifact and metrics.json")
     p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
@@ -109,7 +111,6 @@ def add_parsers(sub) -> None:
                                          "(top-K indices and class-aware scores)")
     add_backbone_args(p)
     add_data_args(p)
-    p.add_argument("--seed", type=int, default=42, help="as `train`: fixes the subsets")
     k = p.add_mutually_exclusive_group()
     k.add_argument("--top-k", type=int, default=None, metavar="K", help="salient channels per layer/stage")
     k.add_argument("--ratio", type=float, default=None, metavar="R", help="K = round(D·R), at least 1 (default 1/8)")

@@ -60,6 +60,10 @@ def verify_decodable(splits: DataSplits, *, full: bool = False,
             bad.append((split, e.what))
         if progress is not None:
             progress(done, len(files))
+    if len(bad) == 1:  # one bad file: its own message, as loading it would have given
+        split, what = bad[0]
+        raise VistuneError(f"{what} (1 of the {len(files)} image files of {splits.source}, {split} split)",
+                           "remove or replace the file (for list files, also its line), then run again")
     if bad:
         per_split = {s: sum(1 for b, _ in bad if b == s) for s in SPLITS if any(b == s for b, _ in bad)}
         counts = ", ".join(f"{s}: {n}" for s, n in per_split.items())
