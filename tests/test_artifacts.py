@@ -45,12 +45,18 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
+def _write_meta(out: Path, meta: dict) -> None:
+    """Write an edited adapter.json with its own checksum updated, as a careful editor would."""
+    meta[artifacts_mod.META_CHECKSUM] = artifacts_mod.meta_checksum(meta)
+    (out / META).write_text(json.dumps(meta))
+
+
 def _rewrite_tensors(out: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Replace the tensor file and update the json's checksum, as a careful editor would."""
+    """Replace the tensor file and update the json's checksums, as a careful editor would."""
     save_file(tensors, str(out / TENSORS), metadata={"format": artifacts_mod.FORMAT})
     meta = json.loads((out / META).read_text())
     meta["tensors_sha256"] = sha256_file(out / TENSORS)
-    (out / META).write_text(json.dumps(meta))
+    _write_meta(out, meta)
 
 
 def _refusal(out, backbone) -> VistuneError:
@@ -131,7 +137,7 @@ def test_refuses_a_pickle_without_unpickling_it(saved, tmp_path, capfd, kind):
     # even with the json's checksum updated to match, the file must not be unpickled
     meta = json.loads((out / META).read_text())
     meta["tensors_sha256"] = sha256_file(target)
-    (out / META).write_text(json.dumps(meta))
+    _write_meta(out, meta)
 
     err = _refusal(out, backbone)
     assert "pickle" in err.what and "never unpickles" in err.what
@@ -144,7 +150,7 @@ def test_refuses_a_file_that_is_not_safetensors(saved):
     (out / TENSORS).write_bytes(b"this is not a tensor file at all")
     meta = json.loads((out / META).read_text())
     meta["tensors_sha256"] = sha256_file(out / TENSORS)
-    (out / META).write_text(json.dumps(meta))
+    _write_meta(out, meta)
     err = _refusal(out, backbone)
     assert "not a readable safetensors file" in err.what
 
