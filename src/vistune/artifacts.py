@@ -189,7 +189,8 @@ def check_meta(meta: dict, where: str | os.PathLike) -> None:
     data = _field(meta, "data", dict, where, required=False)
     if data is not None:  # how `vistune eval` redraws the training run's splits
         _field(data, "spec", str, where, "data.", required=False)
-        _field(data, "seed", int, where, "data.", required=False)
+        _field(data, "seed", int, where, "data.", required=False)  # 0.1.0: the training seed drew the splits
+        _field(data, "data_seed", int, where, "data.", required=False)
         _field(data, "protocol", str, where, "data.", required=False)
         for key in ("train_size", "val_size", "test_size"):
             if data.get(key) is not None:
