@@ -22,6 +22,7 @@ X = torch.randn(10, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manua
 Y = torch.tensor([0, 2, 3, 0, 3, 3, 2, 0, 0, 3])  # class 1 is absent: it must be skipped
 DATA = TensorDataset(X, Y)
 TRANSFORMERS = ["vit", "vit_reg_avg", "deit_distilled", "swin"]
+PLACEMENTS = ["attn", "mlp-branch", "mlp"]
 ALL_KINDS = TRANSFORMERS + ["efficientnet", "resnet", "convnext", "mobilenet"]
 
 
@@ -63,6 +64,7 @@ def test_registered_as_parameter_method_for_every_family():
     assert fields["top_k"][1] is None and fields["ratio"][1] == 1 / 8 and fields["placement"][1] == "attn"
     assert all(text for _, _, text in fields.values())
     assert make_config("sct", {"top_k": "96", "placement": "mlp"}).top_k == 96
+    assert make_config("sct", {"placement": "mlp-branch"}).placement == "mlp-branch"
     with pytest.raises(VistuneError, match="not one of"):
         make_config("sct", {"placement": "ffn"})
     with pytest.raises(VistuneError, match="ratio"):
@@ -108,7 +110,7 @@ def test_init_and_default_channels_before_calibration(tiny_backbones):
 
 # ----------------------------------------------------------------------------- wrapper and placement
 @pytest.mark.parametrize("kind", TRANSFORMERS)
-@pytest.mark.parametrize("placement", ["attn", "mlp"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_wrapped_block_is_bit_identical_to_stock_block(tiny_backbones, kind, placement):
     backbone = tiny_backbones(kind)
     v = backbone.model
@@ -140,7 +142,7 @@ def test_zero_weights_give_the_frozen_backbone(tiny_backbones, kind):
 
 
 @pytest.mark.parametrize("kind", ["vit", "vit_reg_avg", "deit_distilled"])
-@pytest.mark.parametrize("placement", ["attn", "mlp"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_vit_placement_by_hand(tiny_backbones, kind, placement):
     backbone = tiny_backbones(kind)
     model = _sct(backbone, placement=placement)
@@ -149,16 +151,19 @@ def test_vit_placement_by_hand(tiny_backbones, kind, placement):
         x = backbone.embed(X[:3])
         for block, m in zip(backbone.blocks(), model.sct):  # the caller's stock blocks
             h = x + block.ls1(block.attn(block.norm1(x)))
-            if placement == "attn":
+            if placement == "attn":  # official sct_attn: on the attention residual's sum
                 h = _tune_by_hand(h, m)
-            x = h + block.ls2(block.mlp(block.norm2(h)))
-            if placement == "mlp":
+            branch = block.mlp(block.norm2(h))
+            if placement == "mlp-branch":  # official sct_mlp: on the MLP's output, inside its residual
+                branch = _tune_by_hand(branch, m)
+            x = h + block.ls2(branch)
+            if placement == "mlp":  # vistune 0.1.0: on the block's output
                 x = _tune_by_hand(x, m)
         expected = backbone.head_features(x)
         assert torch.allclose(model.features(X[:3]), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("placement", ["attn", "mlp"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_swin_placement_by_hand(tiny_backbones, placement):
     backbone = tiny_backbones("swin")
     model = _sct(backbone, placement=placement)
@@ -173,11 +178,38 @@ def test_swin_placement_by_hand(tiny_backbones, placement):
             h = (x + block._attn(block.norm1(x))).reshape(B, -1, C)
             if placement == "attn":
                 h = _tune_by_hand(h, m)
-            x = (h + block.mlp(block.norm2(h))).reshape(B, H, W, C)
+            branch = block.mlp(block.norm2(h))
+            if placement == "mlp-branch":
+                branch = _tune_by_hand(branch, m)
+            x = (h + branch).reshape(B, H, W, C)
             if placement == "mlp":
                 x = _tune_by_hand(x, m)
         expected = v.forward_head(v.norm(x), pre_logits=True)
         assert torch.allclose(model.features(X[:3]), expected, atol=1e-5)
+
+
+def test_mlp_branch_sits_before_layerscale(tiny_backbones):
+    """Official sct_mlp: x + ls2(SCT(mlp(norm2(x)))), on a ViT with LayerScale (random per-channel gammas), where
+    the module before ls2, after ls2 and after the residual give three different functions."""
+    backbone = load_backbone("vit_tiny_patch16_224", random_init=True,
+                             model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                               init_values=0.5))
+    with torch.no_grad():
+        for block in backbone.blocks():
+            block.ls2.gamma.uniform_(0.2, 2.0)
+    models = {p: _sct(backbone, placement=p) for p in PLACEMENTS}
+    for model in models.values():
+        _randomise(model)
+    with torch.no_grad():
+        x = backbone.embed(X[:3])
+        for block, m in zip(backbone.blocks(), models["mlp-branch"].sct):
+            h = x + block.ls1.gamma * block.attn(block.norm1(x))
+            x = h + block.ls2.gamma * _tune_by_hand(block.mlp(block.norm2(h)), m)
+        expected = backbone.head_features(x)
+        got = {p: model.features(X[:3]) for p, model in models.items()}
+    assert torch.allclose(got["mlp-branch"], expected, atol=1e-5)
+    assert not torch.allclose(got["mlp-branch"], got["mlp"], atol=1e-3)
+    assert not torch.allclose(got["mlp-branch"], got["attn"], atol=1e-3)
 
 
 def test_cnn_stage_module_by_hand(tiny_backbones):
@@ -232,7 +264,7 @@ def _check(layers, streams_per_layer, k):
 
 
 @pytest.mark.parametrize("kind", ["vit", "vit_reg_avg", "deit_distilled"])
-@pytest.mark.parametrize("placement", ["attn", "mlp"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_vit_calibration_by_hand(tiny_backbones, kind, placement):
     backbone = tiny_backbones(kind)
     n_prefix = backbone.num_prefix_tokens
@@ -242,6 +274,7 @@ def test_vit_calibration_by_hand(tiny_backbones, kind, placement):
         for block in backbone.blocks():
             h = x + block.ls1(block.attn(block.norm1(x)))
             x = block(x)
+            # official getSalientChannels: norm2's input for sct_attn, the block's output for sct_mlp
             streams.append(((h if placement == "attn" else x)[:, n_prefix:], -1))
     result = calibrate(backbone, DATA, placement=placement, top_k=5, batch_size=4)  # 3 batches accumulate
     assert result.num_images == 10 and result.class_counts == {0: 4, 2: 2, 3: 4}
@@ -256,7 +289,8 @@ def test_vit_calibration_by_hand(tiny_backbones, kind, placement):
     assert all(w.enabled for w in model.backbone.model.modules() if isinstance(w, SCTBlock))
 
 
-def test_swin_calibration_by_hand(tiny_backbones):
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_swin_calibration_by_hand(tiny_backbones, placement):
     backbone = tiny_backbones("swin")
     v = backbone.model
     streams = []
@@ -265,9 +299,11 @@ def test_swin_calibration_by_hand(tiny_backbones):
         for stage in v.layers:
             x = stage.downsample(x)
             block = stage.blocks[0]
-            streams.append((x + block._attn(block.norm1(x)), -1))  # input of norm2 (NHWC here)
+            h = x + block._attn(block.norm1(x))  # input of norm2 (NHWC here)
             x = block(x)
-    result = calibrate(backbone, DATA, batch_size=4)
+            streams.append((h if placement == "attn" else x, -1))
+    result = calibrate(backbone, DATA, placement=placement, batch_size=4)
+    assert result.placement == placement
     assert [len(layer.indices) for layer in result.layers] == [2, 4]
     for layer, (s, cd), k in zip(result.layers, streams, (2, 4)):
         _check([layer], [(s, cd)], k)
@@ -351,6 +387,16 @@ def test_run_job_calibrates_before_training(tiny_backbones, tmp_path):
     data = load_data(str(folder), train_transform=eval_tf, eval_transform=eval_tf, seed=0)
     expected = calibrate(backbone, data.train)
     assert [m.index.tolist() for m in model.sct] == [layer.indices.tolist() for layer in expected.layers]
+
+
+def test_cli_calibrate_offers_every_placement():
+    from vistune.cli import build_parser
+    from vistune.methods.sct import PLACEMENTS as METHOD_PLACEMENTS
+
+    parser = build_parser()
+    calibrate_parser = parser._subparsers._group_actions[0].choices["calibrate"]
+    option = next(a for a in calibrate_parser._actions if "--placement" in a.option_strings)
+    assert list(option.choices) == list(METHOD_PLACEMENTS) == PLACEMENTS and option.default == "attn"
 
 
 def test_cli_calibrate(tmp_path, capsys):

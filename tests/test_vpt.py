@@ -195,3 +195,28 @@ def test_pad_prompts_beat_linear_probe_on_real_imagenet_lite0():
         acc[method] = run_job(job, backbone=backbone, data=data, progress=False)["test_accuracy"]
     assert acc["linear"] >= 0.83
     assert acc["vpt-pad"] >= acc["linear"] + 0.005
+
+
+@pytest.mark.parametrize("name", ["vpt-shallow", "vpt-deep"])
+def test_prompt_dropout_draws_a_mask_per_sample(tiny_backbones, name):
+    """In training, each sample's prompts are dropped independently (the official code drops after expanding the
+    prompts to the batch); one mask shared by the batch would give every sample the same zeros."""
+    model = _vpt(tiny_backbones("vit"), name, num_tokens=4, dropout=0.5)
+    n_prefix, batch = model.backbone.num_prefix_tokens, 8
+    blocks = model.backbone.blocks()[: len(model.prompts)]
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, n_prefix:n_prefix + 4]))
+               for b in blocks]
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        model.train()(x)
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    trained, evaluated = seen[: len(blocks)], seen[len(blocks):]
+    for prompt, got, clean in zip(model.prompts, trained, evaluated):
+        kept = got != 0
+        assert torch.allclose(got[kept], (prompt.expand(batch, -1, -1) / 0.5)[kept])  # inverted dropout, p = 0.5
+        assert 0.3 < kept.float().mean() < 0.7
+        assert len({tuple(m.flatten().tolist()) for m in kept}) == batch  # 8 different masks, one per sample
+        assert torch.equal(clean, prompt.expand(batch, -1, -1))  # no dropout in eval

@@ -390,7 +390,8 @@ def load_artifact(out_dir: str | os.PathLike, backbone: BackboneView | None = No
     if backbone is None:
         backbone = backbone_for(meta)
     _check_fingerprint(out, meta, backbone)
-    config = make_config(meta["method"], meta["config"])
+    info, _ = resolve_method(meta["method"])
+    config = make_config(meta["method"], info.method_class.artifact_config(meta["config"], meta["tensors"]))
     model = adapt(backbone, config, meta["num_classes"], task=meta.get("task", "classification"))
     _check_fits_model(out, meta, tensors, model)
     model.load_state_dict(tensors, strict=False)

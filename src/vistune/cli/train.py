@@ -114,8 +114,9 @@ def add_parsers(sub) -> None:
     k = p.add_mutually_exclusive_group()
     k.add_argument("--top-k", type=int, default=None, metavar="K", help="salient channels per layer/stage")
     k.add_argument("--ratio", type=float, default=None, metavar="R", help="K = round(D·R), at least 1 (default 1/8)")
-    p.add_argument("--placement", choices=["attn", "mlp"], default="attn",
-                   help="ViT/Swin: attn = input of norm2 (the paper's), mlp = block output; CNNs: stage output")
+    p.add_argument("--placement", choices=["attn", "mlp-branch", "mlp"], default="attn",  # sct.PLACEMENTS
+                   help="ViT/Swin: attn = scores on norm2's input (the paper's); mlp-branch (official sct_mlp) and "
+                        "mlp (vistune 0.1.0's) = scores on the block output; CNNs: the stage output")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per calibration batch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", metavar="FILE.json", help="write every layer's indices and scores as JSON")

@@ -10,7 +10,7 @@ import abc
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -173,7 +173,8 @@ class Method(nn.Module):
     and implements :meth:`attach` (build its parameters, wrap modules of ``self.backbone`` — the method's own
     copy of the module tree, which shares every frozen tensor with the caller's backbone). It may override
     :meth:`build_head` (default: a linear head on the pooled feature), :meth:`features` (default: the backbone's
-    own pooled feature), :meth:`tuned_backbone_parameters`, :meth:`backbone_train_modules` and :meth:`prepare`.
+    own pooled feature), :meth:`tuned_backbone_parameters`, :meth:`backbone_train_modules`, :meth:`prepare` and
+    :meth:`artifact_config`.
     Two kinds of method change the backbone, and say so by subclassing :class:`ModuleTuner` or
     :class:`TokenTuner` (a method may be both where a family demands it). Every tensor that is not a shared
     frozen backbone tensor is saved in the artifact automatically.
@@ -210,6 +211,13 @@ class Method(nn.Module):
     def tuned_backbone_parameters(cls, backbone: BackboneView, config) -> set[str]:
         """Names of backbone parameters this method trains (cloned before training)."""
         return set()
+
+    @classmethod
+    def artifact_config(cls, config: dict, tensor_shapes: Mapping[str, Sequence[int]]) -> dict:
+        """The options that rebuild an artifact, from its stored ``config`` and its tensors' shapes. A method
+        whose option changed meaning recognises an older artifact by its tensors here and returns the options
+        that compute what it computed; default: the stored options."""
+        return config
 
     def backbone_train_modules(self) -> list[nn.Module]:
         """Backbone modules that run in train mode while training (all others stay in eval)."""

@@ -18,17 +18,33 @@ no pixel preimage; ``library_space=pixel`` then learns the library as pixel patc
 the mixture through W during training, so deployment is exact on every ViT. ``auto`` picks token
 space when W has full row rank, pixel space otherwise.
 
+Generator. ``resnet10`` is PGN's own ResNet-10 (official code, jochemloedeman/PGN
+``pgn/pgn_models/resnet.py`` with its training scripts' defaults): a 3×3 stride-2 convolution 3→w, BatchNorm,
+ReLU, a 3×3 stride-2 max-pool, then four stages of one basic block with w/2w/4w/8w channels (stages 2-4 stride
+2, their shortcut a strided 1×1 convolution with a bias and no norm; stage 1's the identity), global average
+pooling; convolutions kaiming-normal (fan-out), BatchNorm weight 1 and bias 0. w = 16: 307,312 parameters.
+timm's ``ResNet`` class cannot express it (its stem is 7×7 with 64 channels whatever ``stem_width`` says, and its
+downsample has a norm), so it is assembled here from timm's ``BasicBlock``. vistune 0.1.0 used that timm
+``ResNet`` (324,576 parameters at w = 16); it is ``generator=resnet10-timm`` now, and an artifact holding it
+(recognised by its tensors) loads as such, computing what it computed.
+
+Hybrid ViTs (timm ``HybridEmbed``: a CNN stem before the patch projection) train PGN in latent mode with a token
+library; their patch embedding is not linear in the pixels, so the pixel library and deploy mode are refused.
+
 Tuned parameters (excluding the head): generator + (F + 1)·T·M for the logits layer (F the
 generator's pooled width) + M·D (token library) or M·C·ph·pw (pixel library).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
@@ -37,6 +53,7 @@ from ..backbones import load_backbone
 from .base import MethodConfig, TokenTuner, option, register
 
 RESNET10 = "resnet10"
+RESNET10_TIMM = "resnet10-timm"
 
 
 @dataclass
@@ -45,10 +62,12 @@ class PGNConfig(MethodConfig):
     library_size: int = option(256, "M: learned tokens that every prompt is a softmax mixture of")
     generator: str = option(
         RESNET10,
-        "the prompt generator: 'resnet10' (PGN's: one basic block per stage, random init) or any timm CNN "
-        "name (offline pretrained: tf_efficientnet_lite0, mobilenetv2_100)",
+        "the prompt generator: 'resnet10' (PGN's official ResNet-10: 3×3 stride-2 stem, max-pool, one basic block "
+        "per stage, random init), 'resnet10-timm' (vistune 0.1.0's: timm's ResNet, 7×7 64-channel stem, not "
+        "PGN's) or any timm CNN name (offline pretrained: tf_efficientnet_lite0, mobilenetv2_100)",
     )
-    generator_width: int = option(16, "resnet10: channels of stage 1, doubling per stage (PGN: 16/32/64/128)")
+    generator_width: int = option(
+        16, "resnet10 and resnet10-timm: channels of stage 1, doubling per stage (PGN: 16/32/64/128)")
     generator_pretrained: bool = option(True, "timm generators: load pretrained weights (offline or hub cache)")
     generator_resolution: int | None = option(
         None, "resize images to this size for the generator only (PGN: 224); default: as given"
@@ -68,15 +87,50 @@ class PGNConfig(MethodConfig):
                                "use ≥ 32, or none to feed the images as given")
 
 
-def resnet10(width: int) -> nn.Module:
-    """PGN's small ResNet-10 from timm's parts: one basic block per stage, widths w/2w/4w/8w."""
+class ResNet10(nn.Module):
+    """PGN's ResNet-10 (see the module docstring), widths w/2w/4w/8w: image → (B, 8w) pooled feature."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        widths = [width * 2**i for i in range(4)]
+        self.stem = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(3, width, kernel_size=3, stride=2, padding=1, bias=False),
+            bn=nn.BatchNorm2d(width),
+            act=nn.ReLU(inplace=True),
+            pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ))
+        blocks = []
+        for i, out in enumerate(widths):
+            inp = widths[max(i - 1, 0)]
+            stride = 1 if i == 0 else 2
+            shortcut = None if i == 0 else nn.Conv2d(inp, out, kernel_size=1, stride=stride)
+            blocks.append(BasicBlock(inp, out, stride=stride, downsample=shortcut))
+        self.stages = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = widths[-1]
+        for m in self.modules():  # as the official code; the shortcut biases keep torch's default init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x)))
+
+
+def resnet10_timm(width: int) -> nn.Module:
+    """vistune 0.1.0's generator, kept so its artifacts load: timm's ``ResNet`` with one basic block per stage.
+    timm ignores ``stem_width`` for this stem (7×7, 64 channels) and puts a BatchNorm after each 1×1 shortcut."""
     return ResNet(BasicBlock, (1, 1, 1, 1), channels=tuple(width * 2**i for i in range(4)), stem_width=width,
                   num_classes=0)
 
 
 def _make_generator(config: PGNConfig) -> nn.Module:
     if config.generator == RESNET10:
-        return resnet10(config.generator_width)
+        return ResNet10(config.generator_width)
+    if config.generator == RESNET10_TIMM:
+        return resnet10_timm(config.generator_width)
     if config.generator_pretrained:
         net = load_backbone(config.generator).model
         net.requires_grad_(True)
@@ -88,20 +142,35 @@ def _make_generator(config: PGNConfig) -> nn.Module:
                            "use resnet10 or a timm CNN name, e.g. tf_efficientnet_lite0") from None
 
 
-def patch_projection(backbone) -> tuple[torch.Tensor, torch.Tensor]:
-    """The patch embedding as a matrix W (D × C·ph·pw) and bias b (D), or why it is not linear."""
+def nonlinear_patch_embedding(backbone) -> str | None:
+    """Why the patch embedding of ``backbone`` is not one linear projection of pixel patches, or None if it is."""
     pe = backbone.model.patch_embed
+    if not isinstance(pe, PatchEmbed):  # e.g. timm's HybridEmbed: a CNN stem, then the projection
+        return f"it is a {type(pe).__name__}, not timm's PatchEmbed (a hybrid ViT's CNN stem comes before the projection)"
     if not isinstance(pe.norm, nn.Identity) or not isinstance(pe.proj, nn.Conv2d):
-        raise VistuneError(
-            f"pgn: the patch embedding of {backbone.spec.name!r} is not a single linear projection "
-            f"({type(pe.proj).__name__} + {type(pe.norm).__name__}), so prompts cannot be inverted to pixels",
-            "use a ViT whose patch_embed is a Conv2d with no norm (most timm ViTs), or --set library_space=token "
-            "and do not use deploy mode",
-        )
+        return f"it is a {type(pe.proj).__name__} followed by a {type(pe.norm).__name__}"
     conv = pe.proj
     if tuple(conv.kernel_size) != tuple(conv.stride) or conv.padding != (0, 0) or conv.groups != 1:
-        raise VistuneError(f"pgn: the patch projection of {backbone.spec.name!r} is not a patchify convolution",
-                           "prompt inversion needs kernel = stride, no padding")
+        return "its projection is not a patchify convolution (kernel = stride, no padding, one group)"
+    return None
+
+
+def no_pixel_preimage(backbone, reason: str, refused: str = "prompts cannot be inverted to pixels") -> VistuneError:
+    """The error for a patch embedding that is not linear in the pixels (``reason``: why)."""
+    return VistuneError(
+        f"pgn: the patch embedding of {backbone.spec.name!r} is not a linear projection of pixel patches "
+        f"({reason}), so {refused}",
+        "train and evaluate in latent mode (--set library_space=token or auto, no --deploy), or use a ViT whose "
+        "patch_embed is one patchify Conv2d with no norm (most timm ViTs) to deploy as pixels",
+    )
+
+
+def patch_projection(backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch embedding as a matrix W (D × C·ph·pw) and bias b (D); VistuneError if it is not linear."""
+    reason = nonlinear_patch_embedding(backbone)
+    if reason is not None:
+        raise no_pixel_preimage(backbone, reason)
+    conv = backbone.model.patch_embed.proj
     weight = conv.weight.reshape(conv.out_channels, -1)
     bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
     return weight, bias
@@ -115,14 +184,29 @@ class PGN(TokenTuner):
     default_lrs = {"sgd": 0.8}  # PGN's lr 0.1 at batch 32 after the trainer's lr × batch/256 scaling
     deployable = True  # eval/predict --deploy: prompts as extra input pixel patches
 
+    @classmethod
+    def artifact_config(cls, config: dict, tensor_shapes: Mapping[str, Sequence[int]]) -> dict:
+        """vistune 0.1.0 built ``resnet10`` with timm's ResNet (its tensors: generator.conv1, …): such an
+        artifact is rebuilt with that generator, ``resnet10-timm``."""
+        if config.get("generator") == RESNET10 and "generator.conv1.weight" in tensor_shapes:
+            return {**config, "generator": RESNET10_TIMM}
+        return config
+
     def attach(self):
         backbone, config = self.backbone, self.config
-        weight, bias = patch_projection(backbone)
-        d, patch_dim = weight.shape
-        invertible = bool(torch.linalg.matrix_rank(weight.detach().double()) == d)
+        self.nonlinear_embedding = nonlinear_patch_embedding(backbone)  # why prompts have no pixels, or None
         space = config.library_space
-        if space == "auto":
-            space = "token" if invertible else "pixel"
+        if self.nonlinear_embedding is not None:
+            if space == "pixel":
+                raise no_pixel_preimage(backbone, self.nonlinear_embedding,
+                                        "library_space=pixel (a library of pixel patches) is impossible")
+            d, invertible, space = backbone.embed_dim, False, "token"
+        else:
+            weight, bias = patch_projection(backbone)
+            d = weight.shape[0]
+            invertible = bool(torch.linalg.matrix_rank(weight.detach().double()) == d)
+            if space == "auto":
+                space = "token" if invertible else "pixel"
         self.library_space = space
         self.exact_inversion = space == "pixel" or invertible
         self.generator = _make_generator(config)
@@ -175,6 +259,9 @@ class PGN(TokenTuner):
     # ---- the two forwards ------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
+            if self.nonlinear_embedding is not None:
+                raise no_pixel_preimage(self.backbone, self.nonlinear_embedding,
+                                        "its prompts cannot be inverted to pixels and deploy mode is impossible")
             if not self.exact_inversion:
                 raise VistuneError(
                     f"pgn: the patch projection of {self.backbone.spec.name!r} has rank < D, so token-space "

@@ -2,7 +2,8 @@
 
 **Calibration** (:func:`calibrate`, run by :meth:`SCT.prepare` once before training): the frozen
 backbone, in eval mode and under ``torch.no_grad``, sees the un-augmented training set once. At
-every layer the residual stream at the placement point is read; for each class c the L2 norm of
+every layer the residual stream at the placement's calibration point is read (norm2's input for
+``attn``, the block's output for ``mlp-branch`` and ``mlp``; below); for each class c the L2 norm of
 every channel over all samples of c and all tokens (prefix tokens such as CLS dropped) gives a
 D-vector; these are averaged over the classes present in the data (the class-aware score), and
 the K highest-scoring channels are that layer's salient channels. Only per-class sums of squares
@@ -13,14 +14,24 @@ buffers of the model, so an artifact stores them and loading restores them.
 trunc-normal(std 0.02), bias 0; done out of place (``index_select`` + ``index_add``), so autograd
 is never handed an in-place write and nothing is tied to a device. Only these and the head train.
 
-Placement, ViT and Swin: ``attn`` (paper default) = after the attention residual, i.e. the input
-of ``norm2``; ``mlp`` (a variant) = after the MLP residual, i.e. the block's output. To sit between
-the two residuals, each stock timm block (ViT ``Block``, Swin ``SwinTransformerBlock``) is wrapped
+Placement, ViT and Swin (official code: showlab/SCT ``models/vision_transformer_sct.py``, ``Block.forward``
+and ``train_model_sct.py`` ``getSalientChannels``):
+
+- ``attn`` (the paper's and the official default, ``sct_attn``): x ← SCT(x + attn(norm1(x))), i.e. on the
+  input of ``norm2``; calibrated there (the official hook: ``norm2``'s input).
+- ``mlp-branch`` (the official ``sct_mlp``): x ← x + ls2(SCT(mlp(norm2(x)))), on the MLP's output inside its
+  residual (before LayerScale and drop-path). Calibrated, as the official code does, on the block's output
+  (its forward hook on ``blocks.i``), not on the MLP's output where the module acts.
+- ``mlp`` (vistune 0.1.0's variant, not the official one; kept so its artifacts compute what they computed):
+  x ← SCT(x + ls2(mlp(norm2(x)))), on the block's output; calibrated there.
+
+To sit inside the block, each stock timm block (ViT ``Block``, Swin ``SwinTransformerBlock``) is wrapped
 in :class:`SCTBlock`, whose forward re-composes the block's own forward from the block's OWN stock
 submodules (norm1, attn / Swin's ``_attn``, ls1, drop_path1, norm2, mlp, ls2, drop_path2) in
 timm's exact order; attention itself is never rewritten. Without an SCT module (or with a zero
 one) the wrapped block is bit-identical to the stock block. Other block types are refused.
-Swin: K is taken per stage (stage width × ratio).
+Swin: K is taken per stage (stage width × ratio); the official Swin code has ``sct_attn`` only, the other two
+placements sit at the same points of the Swin block.
 
 CNNs (this library's reading of SCT for convolutional backbones): the same idea on the feature-map
 channels at the OUTPUT of each stage (``CNNView.stages()``; every stage is wrapped). Calibration:
@@ -52,16 +63,19 @@ from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Borrowed, MethodConfig, ModuleTuner, option, register
 
-PLACEMENTS = ("attn", "mlp")
+PLACEMENTS = ("attn", "mlp-branch", "mlp")
+# where calibration reads the residual stream: norm2's input, or the block's output (as the official sct_mlp)
+CALIBRATION_POINT = {"attn": "norm2 input", "mlp-branch": "block output", "mlp": "block output"}
 
 
 @dataclass
 class SCTConfig(MethodConfig):
     top_k: int | None = option(None, "salient channels K per layer/stage (default: round(D · ratio))")
     ratio: float = option(1 / 8, "K = round(D · ratio), at least 1, when top_k is not set (paper: D/8 = 96 on ViT-B)")
-    placement: Literal["attn", "mlp"] = option(
-        "attn", "ViT/Swin: attn = after the attention residual (input of norm2, the paper's); "
-                "mlp = after the MLP residual (block output). CNNs: always the stage output"
+    placement: Literal["attn", "mlp-branch", "mlp"] = option(
+        "attn", "ViT/Swin: attn = after the attention residual (input of norm2; the paper's, official sct_attn); "
+                "mlp-branch = on the MLP output inside its residual (official sct_mlp); mlp = after the MLP "
+                "residual (block output; vistune 0.1.0's variant). CNNs: always the stage output"
     )
 
     def validate(self):
@@ -71,7 +85,7 @@ class SCTConfig(MethodConfig):
             raise VistuneError(f"sct: ratio={self.ratio} must be in (0, 1]", "e.g. --set ratio=0.125")
         if self.placement not in PLACEMENTS:
             raise VistuneError(f"sct: placement={self.placement!r} is not one of {list(PLACEMENTS)}",
-                               "use --set placement=attn (paper) or placement=mlp")
+                               "use --set placement=attn (the paper's), mlp-branch (official sct_mlp) or mlp")
 
 
 def num_salient(dim: int, top_k: int | None = None, ratio: float = 1 / 8, where: str = "a layer") -> int:
@@ -136,7 +150,7 @@ def _block_kind(block: nn.Module) -> str | None:
 
 
 class SCTBlock(nn.Module):
-    """A stock timm transformer block with an SCT module after the attention or the MLP residual.
+    """A stock timm transformer block with an SCT module at ``placement`` (see the module docstring).
 
     The forward re-composes timm's own ``Block.forward`` / ``SwinTransformerBlock.forward`` from
     the block's stock submodules; with no SCT module (or ``enabled = False``) the output is
@@ -166,6 +180,9 @@ class SCTBlock(nn.Module):
     def _tune(self, x: torch.Tensor) -> torch.Tensor:
         return self.sct(x) if self.enabled and self.sct is not None else x
 
+    def _branch(self, mlp_out: torch.Tensor) -> torch.Tensor:
+        return self._tune(mlp_out) if self.placement == "mlp-branch" else mlp_out
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         b = self.block
         if self.kind == "vit":
@@ -175,14 +192,14 @@ class SCTBlock(nn.Module):
             x = x + b.drop_path1(b.ls1(a))
             if self.placement == "attn":
                 x = self._tune(x)
-            x = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+            x = x + b.drop_path2(b.ls2(self._branch(b.mlp(b.norm2(x)))))
         else:  # swin: NHWC in and out, tokens flattened around the MLP (as SwinTransformerBlock.forward)
             B, H, W, C = x.shape
             x = x + b.drop_path1(b._attn(b.norm1(x)))
             x = x.reshape(B, -1, C)
             if self.placement == "attn":
                 x = self._tune(x)
-            x = x + b.drop_path2(b.mlp(b.norm2(x)))
+            x = x + b.drop_path2(self._branch(b.mlp(b.norm2(x))))
             x = x.reshape(B, H, W, C)
         if self.placement == "mlp":
             x = self._tune(x)
@@ -312,9 +329,9 @@ def calibrate(model_or_backbone: BackboneView | "SCT", dataset, *, placement: st
         stock = _unwrap(layer)
         if view.family == "cnn":
             hooks.append(stock.register_forward_hook(lambda m, a, out, i=i: accumulate(i, out)))
-        elif placement == "attn":
+        elif CALIBRATION_POINT[placement] == "norm2 input":
             hooks.append(stock.norm2.register_forward_pre_hook(lambda m, a, i=i: accumulate(i, a[0])))
-        else:  # block output: the wrapper's (SCT off) equals the stock block's
+        else:  # block output (mlp-branch too, as the official sct_mlp): the wrapper's (SCT off) = the stock block's
             hooks.append(layer.register_forward_hook(lambda m, a, out, i=i: accumulate(i, out)))
 
     counts: dict[int, int] = {}
