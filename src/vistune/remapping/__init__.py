@@ -25,6 +25,7 @@ from .. import __version__
 from .._io import atomic_write
 from ..backbones import BackboneView
 from ..errors import VistuneError
+from .families import family_of
 from .growth import grow_weights, identity_outputs, insertion_plan
 from .selection import ELEMENT_RULES, LAYER_RULES, element_indices, layer_indices, select_weights
 from .spec import ArchSpec, build_model, format_arch_spec, parse_arch_spec
@@ -32,9 +33,9 @@ from .spec import ArchSpec, build_model, format_arch_spec, parse_arch_spec
 GROWTH_TOLERANCE = 1e-4  # max |Δ feature| / max |feature| that the self-check of grow() accepts
 
 __all__ = [
-    "ArchSpec", "ELEMENT_RULES", "LAYER_RULES", "build_model", "check_out", "element_indices", "format_arch_spec", "grow",
-    "grow_weights", "identity_outputs", "insertion_plan", "layer_indices", "parse_arch_spec", "save_remapped",
-    "select", "select_weights",
+    "ArchSpec", "ELEMENT_RULES", "LAYER_RULES", "build_model", "check_out", "data_config", "element_indices",
+    "features", "format_arch_spec", "grow", "grow_weights", "identity_outputs", "insertion_plan", "layer_indices",
+    "parse_arch_spec", "probe_input", "save_remapped", "select", "select_weights",
 ]
 
 
@@ -46,6 +47,7 @@ def _loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 def select(source: BackboneView, architecture: str, options: dict, *, layers: str = "first",
            elements: str = "uniform") -> nn.Module:
     """A headless timm ``architecture(**options)`` initialised by weight selection from ``source``."""
+    family_of(source.model, f"the source {source.spec.name}")
     student = build_model(architecture, options)
     name = format_arch_spec(architecture, options)
     return _loaded(student, select_weights(source.model, student, layers=layers, elements=elements,
@@ -68,6 +70,7 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def grow(source: BackboneView, architecture: str, options: dict, *, seed: int = 0) -> nn.Module:
     """A headless timm ``architecture(**options)``, deeper and/or with wider ViT MLPs than ``source``, that
     computes the source's features; checked on a random batch before it is returned."""
+    family_of(source.model, f"the source {source.spec.name}")
     name = format_arch_spec(architecture, options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the fresh init of new blocks that cannot copy their neighbour

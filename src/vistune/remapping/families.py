@@ -57,6 +57,7 @@ SUPPORTED = "timm VisionTransformer (ViT, DeiT), ConvNeXt, EfficientNet/MobileNe
 
 
 def family_of(model: nn.Module, what: str) -> Family:
+    """The family of ``model`` (``what`` names it in the refusal)."""
     for family in FAMILIES:
         if isinstance(model, family.classes):
             return family
