@@ -6,6 +6,7 @@ packaged ImageNet CNNs, and finally the timm hub (needs a network connection).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -72,11 +73,10 @@ def _create(arch: str, spec_name: str, **kwargs) -> torch.nn.Module:
 
 
 def _classifier_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of the model's classifier (timm's ``get_classifier()``)."""
+    """State-dict keys of the model's classifier(s) (timm's ``get_classifier()``; DeiT's gives two)."""
     clf = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(clf, torch.nn.Module):
-        return set()
-    ids = {id(t) for t in [*clf.parameters(), *clf.buffers()]}
+    heads = [m for m in (clf if isinstance(clf, tuple) else (clf,)) if isinstance(m, torch.nn.Module)]
+    ids = {id(t) for m in heads for t in [*m.parameters(), *m.buffers()]}
     return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in ids}
 
 
@@ -146,6 +146,39 @@ def _load_file(model: torch.nn.Module, path: str, name: str) -> None:
         ) from None
 
 
+def _file_card(path: str) -> dict:
+    """What a vistune-written .safetensors file records about its model (``vistune remap``, ``export --merged``):
+    architecture, model_kwargs and pretrained_cfg; {} for other files."""
+    if not (path.lower().endswith(".safetensors") and os.path.isfile(path)):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return {k: (meta[k] if k == "architecture" else json.loads(meta[k]))
+                for k in ("architecture", "model_kwargs", "pretrained_cfg") if k in meta}
+    except Exception:  # an unreadable file or metadata: _load_file says what is wrong with the file
+        return {}
+
+
+def _file_kwargs(card: dict, path: str, arch: str, model_kwargs: dict, given: bool) -> dict:
+    """The model options of a checkpoint: the file's own when the caller gave none, else the caller's, which
+    must then agree with the file's."""
+    if card.get("architecture", arch) != arch:
+        raise VistuneError(f"{path} holds a timm {card['architecture']!r} model, not {arch!r}",
+                           f"pass --backbone {card['architecture']} with this checkpoint")
+    if "model_kwargs" not in card:
+        return model_kwargs
+    if not given:
+        return dict(card["model_kwargs"])
+    if json.loads(json.dumps(model_kwargs)) != card["model_kwargs"]:
+        raise VistuneError(f"{path} was written for {arch} with options {card['model_kwargs']}, but the backbone "
+                           f"was asked for with {model_kwargs}",
+                           f"pass --backbone {arch} and no model options: the file's own are used")
+    return model_kwargs
+
+
 def load_backbone(
     name: str,
     *,
@@ -156,6 +189,7 @@ def load_backbone(
     """Build a frozen backbone view from a timm name, a local file or an offline package."""
     model_kwargs = dict(model_kwargs or {})
     packaged = packaged_backbones()
+    kwargs_given = bool(model_kwargs) or name in packaged
     if name in packaged and not random_init and checkpoint is None:
         card = packaged[name]
         arch, kwargs = card["architecture"], {**card.get("model_kwargs", {}), **model_kwargs}
@@ -180,7 +214,11 @@ def load_backbone(
             model = _with_card_cfg(model, packaged[name])
         return view_for(model, BackboneSpec(name, arch, "random-init", None, model_kwargs))
     if checkpoint is not None:
+        card = _file_card(checkpoint)
+        model_kwargs = _file_kwargs(card, checkpoint, arch, model_kwargs, kwargs_given)
         model = _create(arch, name, pretrained=False, **model_kwargs)
+        if "pretrained_cfg" in card:  # the preprocessing the weights were made for
+            model = _with_card_cfg(model, card)
         _load_file(model, checkpoint, arch)
         spec = BackboneSpec(name, arch, "file", os.path.abspath(checkpoint), model_kwargs)
         return view_for(model, spec)
