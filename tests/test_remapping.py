@@ -22,7 +22,7 @@ from vistune.remapping import (
     element_indices, features, grow, grow_weights, identity_outputs, insertion_plan, layer_indices,
     parse_arch_spec, probe_input, save_remapped, select, select_weights,
 )
-from vistune.remapping.cli import add_parser
+from vistune.cli.remap import add_parsers as add_parser
 from vistune.run import Job, run_job
 from vistune.training import TrainConfig
 

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
+from rich.markup import escape
 
 from ..backbones import load_backbone
 from ..errors import VistuneError
-from . import check_out, grow, save_remapped, select
-from .families import family_of
-from .selection import ELEMENT_RULES, LAYER_RULES
-from .spec import SPEC_HELP, format_arch_spec, parse_arch_spec
-
-console = Console()
+from ..remapping import check_out, grow, save_remapped, select
+from ..remapping.families import family_of
+from ..remapping.selection import ELEMENT_RULES, LAYER_RULES
+from ..remapping.spec import SPEC_HELP, format_arch_spec, parse_arch_spec
+from .common import HelpFormatter, console
 
 EXAMPLES = """examples:
   # weight selection: a 3-block, D=128, 2-head ViT from vistune's 6-block D=256 one
@@ -26,14 +25,18 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The examples keep their lines; every option still shows its real default."""
+
+
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "remap", help="weight selection into a smaller model, or function-preserving growth (--grow)",
         description="Remapping tuning. Without --grow: initialise a smaller model of the source's family by "
                     "weight selection (Xu et al. 2024). With --grow: a deeper model / wider ViT MLP that computes "
                     "the source's features exactly at initialisation (Net2Net). Writes a .safetensors checkpoint "
                     "that `vistune train --backbone ARCH --checkpoint FILE` loads.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES, formatter_class=_Formatter)
     p.add_argument("--from", dest="source", required=True, metavar="BACKBONE",
                    help="the pretrained source: a timm name, an offline or vistune backbone (`vistune backbones`)")
     p.add_argument("--checkpoint", metavar="FILE", help="local weights of --from (.safetensors/.pth/.npz)")
@@ -125,7 +128,8 @@ def cmd_remap(args) -> int:
     n_target = sum(p.numel() for p in model.parameters())
     done = "grown (features identical at initialisation)" if args.grow else f"weight selection ({how['layers']} " \
         f"layers, {how['elements']} elements)"
-    console.print(f"{args.source} ({n_source:,} params) → {format_arch_spec(architecture, options)} "
-                  f"({n_target:,} params): {done}")
-    console.print(f"wrote {args.out}; use it with: vistune train --backbone {architecture} --checkpoint {args.out} …")
+    console.print(escape(f"{args.source} ({n_source:,} params) → {format_arch_spec(architecture, options)} "
+                         f"({n_target:,} params): {done}"))
+    console.print(escape(f"wrote {args.out}; use it with: vistune train --backbone {architecture} "
+                         f"--checkpoint {args.out} …"))
     return 0
