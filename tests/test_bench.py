@@ -227,6 +227,7 @@ def test_final_run_killed_mid_training_resumes_from_its_checkpoint(image_folder,
     final = [r for r in _rows(out) if r["phase"] == "final"]
     assert len(final) == 1 and final[0]["test_accuracy"] is not None
     assert [h["epoch"] for h in json.loads(final[0]["config"])["history"]] == [1, 2]
+    assert (run_dir / "adapter.json").is_file() and not (run_dir / "train_state.pt").exists()  # finished
 
 
 def test_changed_settings_are_new_runs(image_folder, tiny_backbones, tmp_path, monkeypatch):

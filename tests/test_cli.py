@@ -108,6 +108,7 @@ def test_train_writes_artifact_and_metrics(trained):
     assert m["epochs"] == 2 and m["seed"] == 5 and len(m["history"]) == 2
     assert 0.0 <= m["val_accuracy"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
     assert m["tuned_params"] > m["tuned_params_excluding_head"] > 0
+    assert not (out / "train_state.pt").exists(), "a finished run keeps no checkpoint (unless --keep-state)"
     assert m["tuned_params"] - m["tuned_params_excluding_head"] == 512 * 3 + 3  # resnet10t feature × 3 classes
     assert m["backbone_params"] == load_backbone("resnet10t", random_init=True).num_params()
     assert m["artifact_bytes"] == (out / TENSORS).stat().st_size + (out / META).stat().st_size
@@ -343,7 +344,17 @@ def test_no_command_prints_help():
     (["--method", "adapter", "--set", "reduction"], ["'reduction' is not key=value"]),
     (["--method", "adapter", "--set", "reduction=many"], ["adapter.reduction='many' is not a valid int"]),
     (["--method", "linear", "--device", "cuda"], ["--device cuda", "no CUDA GPU", "use --device cpu"]),
-], ids=["method", "method2", "set-key", "set-form", "set-value", "cuda"])
+    (["--method", "linear", "--epochs", "0"], ["--epochs 0", "must be ≥ 1", "fix: train for at least one epoch"]),
+    (["--method", "linear", "--batch-size", "0"], ["--batch-size 0", "must be ≥ 1"]),
+    (["--method", "linear", "--batch-size", "-4"], ["--batch-size -4", "must be ≥ 1"]),
+    (["--method", "linear", "--lr", "-1"], ["--lr -1.0", "must be > 0"]),
+    (["--method", "linear", "--image-size", "0"], ["--image-size 0 is out of range", "1 to 4096 pixels"]),
+    (["--method", "linear", "--image-size", "7"], ["--image-size 7 is below the smallest input resnet10t can use, "
+                                                   "32 px", "use --image-size 32 or more"]),
+    (["--method", "linear", "--image-size", "100000"], ["--image-size 100000 is out of range"]),
+    (["--method", "vpt-pad", "--set", "width=100000"], ["vpt-pad: width=100000 is above the limit of 2048"]),
+], ids=["method", "method2", "set-key", "set-form", "set-value", "cuda", "epochs-0", "batch-0", "batch-negative",
+        "lr-negative", "image-size-0", "image-size-7", "image-size-huge", "set-huge"])
 def test_train_refuses_bad_options(args, expect, data, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -368,6 +379,26 @@ def test_train_refuses_a_checkpoint_that_does_not_exist(data, tmp_path):
     msg = refused("train", "--backbone", "resnet10t", "--checkpoint", missing, "--method", "linear",
                   "--data", data, "--out", tmp_path / "out", *FAST)
     assert f"checkpoint file not found: {missing}" in msg and "--checkpoint" in msg
+
+
+def test_train_refuses_an_out_that_is_a_file_before_any_work(data, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    msg = refused("train", *TINY, "--method", "linera", "--data", data, "--out", out, *FAST)
+    assert f"--out {out} is a file, not a folder" in msg  # found before the method name is even looked up
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["eval", "--data", "DATA", "--batch-size", "0"], "--batch-size 0 must be a whole number ≥ 1"),
+    (["predict", "IMAGE", "--top-k", "0"], "--top-k 0 must be ≥ 1"),
+], ids=["eval-batch-0", "predict-top-k-0"])
+def test_eval_and_predict_refuse_bad_numbers(args, expect, trained, data):
+    out, _ = trained
+    image = next((data / "test").rglob("*.png"))
+    args = [str(data) if a == "DATA" else str(image) if a == "IMAGE" else a for a in args]
+    msg = refused(args[0], "--adapter", out, *args[1:], "--quiet")
+    assert expect in msg and "fix:" in msg
 
 
 def test_train_refuses_an_out_folder_with_a_finished_run(trained, data):
@@ -442,9 +473,12 @@ def test_interrupted_train_then_resume(data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "_lr_factor", real)
     msg = refused(*args)  # without --resume: refused, the checkpoint is kept
     assert "interrupted run" in msg and "add --resume" in msg
-    rc, _, err = cli(*args, "--resume")
+    msg = refused(*args, "--resume", "--lr", "0.25")  # another job: refused, saying what differs
+    assert "was written by a different job" in msg and "--lr: None → 0.25" in msg
+    rc, _, err = cli(*args, "--resume", "--keep-state")
     assert rc == 0, err
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
+    assert (out / "train_state.pt").is_file()  # --keep-state
 
 
 def test_the_installed_command_exits_2_on_bad_input(data, tmp_path):

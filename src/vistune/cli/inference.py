@@ -75,6 +75,8 @@ def cmd_predict(args) -> int:
     from ..data import load_image
     from ..run import transforms_for
 
+    if args.top_k < 1:
+        raise VistuneError(f"--top-k {args.top_k} must be ≥ 1", "e.g. --top-k 5 (classes shown per image)")
     model, meta, device = _load_for_inference(args)
     if meta.get("task") == "segmentation":
         return _predict_masks(args, model, meta, device)

@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
               overrides=method_options(args.set, args.method), checkpoint=args.checkpoint, random_init=args.random_init,
               image_size=args.image_size, normalization=args.normalization, augment=args.augment,
               train_size=args.train_size, val_size=args.val_size, data_seed=args.data_seed, train=train_config(args),
-              task=args.task)
+              task=args.task, keep_state=args.keep_state)
     with distributed.process_group(args.device):  # several processes under torchrun; else a no-op
         metrics = run_job(job, resume=args.resume, progress=not args.quiet, notify=notify)
         if not distributed.is_main():
@@ -50,7 +50,7 @@ def cmd_calibrate(args) -> int:
     """SCT's calibration pass alone, over the same training split `vistune train` would calibrate on."""
     from .._io import atomic_write_json
     from ..methods.sct import calibrate
-    from ..run import Job, prepare_job
+    from ..run import Job, check_memory, prepare_job
     from ..training import TrainConfig
 
     if args.top_k is not None and args.top_k < 1:
@@ -64,6 +64,7 @@ def cmd_calibrate(args) -> int:
               train_size=args.train_size, val_size=args.val_size, data_seed=args.data_seed,
               train=TrainConfig(device=args.device))
     setup = prepare_job(job, augment=False, notify=notify)  # the split `vistune train` calibrates on, un-augmented
+    check_memory(setup, batch_size=args.batch_size, backward=False)
     config = setup.config
     result = calibrate(setup.backbone, setup.data.train, placement=config.placement, top_k=config.top_k,
                        ratio=config.ratio, batch_size=args.batch_size, device=setup.device, progress=not args.quiet)
@@ -103,7 +104,10 @@ def add_parsers(sub) -> None:
     add_train_args(p)
     p.add_argument("--augment", action="store_true",
                    help="FGVC-style random-resized-crop + flip (default: none, as VTAB-1k)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in OUT (refused if any setting differs from that run's)")
+    p.add_argument("--keep-state", action="store_true",
+                   help="keep the training checkpoint (train_state.pt) in OUT once the run has finished")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VistuneError
-from .base import Borrowed, MethodConfig, ModuleTuner, TokenTuner, option, register
+from .base import Borrowed, MethodConfig, ModuleTuner, TokenTuner, check_at_most, option, register
 
 
 @dataclass
@@ -52,6 +52,10 @@ class VPTConfig(MethodConfig):
             raise VistuneError(f"vpt: dropout={self.dropout} must be in [0, 1)")
         if self.project_dim is not None and self.project_dim < 1:
             raise VistuneError(f"vpt: project_dim={self.project_dim} must be ≥ 1 (or none)")
+        check_at_most("vpt", "num_tokens", self.num_tokens, 1000,
+                      "5× the paper's largest, 200; every prompt joins the attention of every block", 10)
+        if self.project_dim is not None:
+            check_at_most("vpt", "project_dim", self.project_dim, 4096, "wider than any ViT's embedding", 64)
 
 
 def _init_prompts(p: torch.Tensor, config: VPTConfig, patch_area: int) -> None:
