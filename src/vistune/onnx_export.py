@@ -12,6 +12,7 @@ operators but took 70-130 s per tiny test model on our shared 2-core machine aga
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -25,8 +26,10 @@ from ._io import atomic_write
 from .errors import VistuneError
 from .merge import merge
 from .methods import Method
+from .methods.sct import SalientChannels
+from .methods.vpt_pad import VPTPad
 
-OPSET = 17
+OPSET = 18
 TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| on the logits
 
 
@@ -40,16 +43,45 @@ def require_onnx():
     return onnx, onnxruntime
 
 
+class _ExportSalientChannels(SalientChannels):
+    """SCT's ``x[idx] += Linear(x[idx])`` with the scatter written as a matmul by the (K, D) one-hot matrix of
+    ``idx``: the same numbers (each output channel gets one product by 1 plus zeros), but an ONNX graph whose batch
+    size stays dynamic (the exporter's index_add bakes the traced shape in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.channel_dim % x.ndim
+        onehot = torch.nn.functional.one_hot(self.index, self.dim).to(x.dtype)  # (K, D)
+        selected = x.index_select(cd, self.index)
+        if cd == x.ndim - 1:
+            return x + self.linear(selected) @ onehot
+        last = [d for d in range(x.ndim) if d != cd] + [cd]  # channels last, and back (positive dims for ONNX)
+        back = sorted(range(x.ndim), key=last.__getitem__)
+        return x + (self.linear(selected.permute(last)) @ onehot).permute(back)
+
+
 def deploy_graph(model: Method) -> tuple[nn.Module, str]:
-    """The module to export and what it is: "merged", "deploy" (PGN's pixel prompts) or "adapted"."""
+    """The module to export (the model itself or a copy) and what it is: "merged", "deploy" (PGN's pixel
+    prompts) or "adapted"."""
     if model.task != "classification":
         raise VistuneError(f"--onnx: the {model.info.name!r} artifact is a {model.task} model",
                            "ONNX export covers classification artifacts")
+    if isinstance(model, VPTPad) and model.config.canvas == "shrink":
+        raise VistuneError(
+            "--onnx: this vpt-pad artifact shrinks each image with an antialiased resize (canvas=shrink), which "
+            "torch's ONNX exporter cannot express",
+            "train vpt-pad with --set canvas=grow (no resize) to export it, or serve it with `vistune serve`")
     if model.mergeable:
         return merge(model), "merged"
     if model.deployable and getattr(model, "exact_inversion", True):
-        model.deploy = True
-        return model, "deploy"
+        graph = copy.deepcopy(model)
+        graph.deploy = True
+        return graph, "deploy"
+    if any(isinstance(m, SalientChannels) for m in model.modules()):
+        graph = copy.deepcopy(model)
+        for m in graph.modules():
+            if type(m) is SalientChannels:
+                m.__class__ = _ExportSalientChannels
+        return graph, "adapted"
     return model, "adapted"
 
 
@@ -57,10 +89,12 @@ def preprocessing_steps(preprocessing: dict) -> list[dict]:
     """The artifact's eval transform as data: resize / center crop / to tensor / normalize, in order."""
     from torchvision import transforms as T
 
-    from .run import transforms_for
+    from .data.transforms import build_transforms
 
+    _, eval_tf = build_transforms(preprocessing["data_config"], image_size=preprocessing["image_size"],
+                                  normalization=preprocessing["normalization"], augment=preprocessing["augment"])
     steps = []
-    for t in transforms_for(preprocessing)[1].transforms:
+    for t in eval_tf.transforms:
         if isinstance(t, T.Resize):
             steps.append({"op": "resize", "size": list(t.size) if isinstance(t.size, (list, tuple)) else t.size,
                           "interpolation": t.interpolation.value, "antialias": bool(t.antialias)})
@@ -113,7 +147,12 @@ def export_onnx(model: Method, path: str | os.PathLike, meta: dict, *, check: bo
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     data = proto.SerializeToString()
-    diff = max_abs_diff(data, model, size) if check else None
+    try:
+        diff = max_abs_diff(data, model, size) if check else None
+    except Exception as e:  # onnxruntime refuses the graph (an operator or shape it does not accept)
+        raise VistuneError(f"--onnx: the exported {meta['method']!r} graph does not run in onnxruntime "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                           "nothing was written; deploy the vistune artifact with `vistune serve` or PyTorch") from None
     if diff is not None and not diff <= TOLERANCE:
         raise VistuneError(f"--onnx: onnxruntime's logits differ from PyTorch's by {diff:.2e} (> {TOLERANCE})",
                            "nothing was written; report this with the artifact's method and backbone")
