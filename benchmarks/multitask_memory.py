@@ -58,23 +58,22 @@ def main() -> None:
     counts = [int(n) for n in args.tasks.split(",")]
     root = Path(tempfile.mkdtemp(prefix="vistune-mt-mem-"))
     make_tasks(load_backbone(args.backbone), args.method, max(counts), root, args.image_size)
-    rows = []
+    print(f"backbone {args.backbone}, method {args.method}, {args.image_size}px, CPU, 1 thread, "
+          f"torch {torch.__version__}; peak RSS (VmHWM) of a fresh process that answered a batch of 8 per task")
+    print("| tasks | one backbone (MultiTask) | × one model | N separate models | × one model |")
+    print("|---:|---:|---:|---:|---:|", flush=True)
+    one = None
     for n in counts:
-        for mode in ("shared", "separate"):
+        peak = {}
+        for mode in ("separate", "shared"):
             out = subprocess.run([sys.executable, __file__, "--backbone", args.backbone, "--method", args.method,
                                   "--image-size", str(args.image_size), "--root", str(root), "--mode", mode,
                                   "--n", str(n)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    one = next(r["peak_mb"] for r in rows if r["mode"] == "separate" and r["n"] == 1)
-    print(f"backbone {args.backbone}, method {args.method}, {args.image_size}px, CPU, 1 thread, "
-          f"torch {torch.__version__}; peak RSS (VmHWM) of a fresh process; one model alone: {one:.0f} MiB")
-    print("| tasks | one backbone (MultiTask) | × one model | N separate models | × one model |")
-    print("|---:|---:|---:|---:|---:|")
-    for n in counts:
-        s = next(r["peak_mb"] for r in rows if r["mode"] == "shared" and r["n"] == n)
-        d = next(r["peak_mb"] for r in rows if r["mode"] == "separate" and r["n"] == n)
-        print(f"| {n} | {s:.0f} MiB | {s / one:.2f} | {d:.0f} MiB | {d / one:.2f} |")
-
+            peak[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+        one = one or (peak["separate"] if n == 1 else None)
+        ratio = (lambda v: f"{v / one:.2f}") if one else (lambda v: "–")
+        print(f"| {n} | {peak['shared']:.0f} MiB | {ratio(peak['shared'])} | {peak['separate']:.0f} MiB | "
+              f"{ratio(peak['separate'])} |", flush=True)
 
 if __name__ == "__main__":
     main()
