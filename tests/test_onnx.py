@@ -75,7 +75,8 @@ def test_every_method_exports_on_every_family(tmp_path, kind):
     for method in methods_for(backbone.family):
         if method != "vpt-pad":
             _export_and_check(backbone, method, tmp_path)
-    _export_and_check(backbone, "vpt-pad", tmp_path, canvas="grow") if kind != "swin" else None
+    if kind != "swin":  # a grown canvas changes the input size, which Swin's fixed windows do not take
+        _export_and_check(backbone, "vpt-pad", tmp_path, canvas="grow")
 
 
 def test_the_metadata_holds_the_preprocessing_classes_and_backbone(tiny_backbones, tmp_path):
