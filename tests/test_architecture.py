@@ -20,7 +20,7 @@ LAYERS = [
     {"remapping"},
     {"data"},
     {"methods"},
-    {"artifacts", "merge"},
+    {"artifacts", "merge", "onnx_export"},
     {"training"},
     {"run", "pretrain"},
     {"demo", "distill", "multitask"},

@@ -3,7 +3,8 @@
     common     the console, shared argument groups (backbone, data, training), the help formatter
     info       methods, backbones            train      train, calibrate
     inference  eval, predict, export         bench      bench, report
-    remap      remap (weight selection, growth)   misc  data, demo, pretrain
+    remap      remap (weight selection, growth)
+    misc       data, demo, pretrain          serve      serve
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import VistuneError
-from . import bench, inference, info, misc, remap, train
+from . import bench, inference, info, misc, remap, serve, train
 from .common import HelpFormatter, console
 
 __all__ = ["main", "build_parser", "console"]
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (info, train, inference, remap, misc, bench):
+    for group in (info, train, inference, remap, misc, bench, serve):
         group.add_parsers(sub)
     return parser
 

@@ -148,8 +148,8 @@ def _predict_masks(args, model, meta, device) -> int:
 def cmd_export(args) -> int:
     from ..merge import export_merged, export_peft
 
-    if not (args.merged or args.peft):
-        raise VistuneError("export: nothing to write", "pass --merged FILE.safetensors and/or --peft DIR")
+    if not (args.merged or args.peft or args.onnx):
+        raise VistuneError("export: nothing to write", "pass --merged FILE.safetensors, --peft DIR and/or --onnx FILE")
     model, meta, _ = _load_for_inference(args)
     if args.merged:
         export_merged(model, args.merged, class_names=meta["class_names"])
@@ -160,6 +160,13 @@ def cmd_export(args) -> int:
         export_peft(model, args.peft)
         console.print(f"{args.peft}: peft adapter_model.safetensors + adapter_config.json "
                       "(PeftModel.from_pretrained(timm_model, DIR))")
+    if args.onnx:
+        from ..onnx_export import export_onnx
+
+        report = export_onnx(model, args.onnx, meta)
+        console.print(f"{args.onnx}: ONNX ({report['graph']} graph; input images (B, 3, {report['image_size']}, "
+                      f"{report['image_size']}), preprocessing and classes in its metadata); onnxruntime matches "
+                      f"PyTorch to {report['max_abs_diff']:.1e}")
     return 0
 
 
@@ -199,4 +206,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--merged", metavar="FILE.safetensors",
                    help="timm state_dict with the update folded into the weights and the head as timm's classifier")
     p.add_argument("--peft", metavar="DIR", help="peft adapter_model.safetensors + adapter_config.json")
+    p.add_argument("--onnx", metavar="FILE.onnx",
+                   help="ONNX graph (merged where the method merges), checked with onnxruntime (vistune[onnx])")
     p.set_defaults(func=cmd_export, device="cpu", deploy=False)
