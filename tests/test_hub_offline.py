@@ -96,3 +96,14 @@ def test_weights_in_the_local_hub_cache_load_without_network(no_network, hub_dow
     assert view.spec.source == "hub"
     assert all(torch.equal(view.model.state_dict()[k], v) for k, v in cached.state_dict().items()
                if not k.startswith("fc."))
+
+
+def test_weights_in_torch_hub_cache_are_found(tmp_path, monkeypatch):
+    """Weights timm fetched by URL (not from the HF hub) sit in torch's hub cache under the URL's file name."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model = torch.nn.Linear(1, 1)
+    model.pretrained_cfg = {"url": "https://example.invalid/releases/w-123.pth"}
+    assert backbones_mod._cached_weights(model) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "w-123.pth").write_bytes(b"weights")
+    assert backbones_mod._cached_weights(model) == str(tmp_path / "checkpoints" / "w-123.pth")

@@ -49,7 +49,8 @@ def test_progress_line_helpers():
     for t, step in ((10, 1), (61, 2), (90, 3), (125, 4)):
         now[0] = t
         beat(step, 9)
-    assert lines == ["  … final folder/bias seed=1: step 2/9 (61 s)", "  … final folder/bias seed=1: step 4/9 (125 s)"]
+    assert lines == ["  … final folder/bias seed=1: step 2/9 (61 s)",
+                     "  … final folder/bias seed=1: step 4/9 (125 s)"]
     assert phase_times({"data": 1.0, "train": 2.5, "val": 0.01, "total": 4.0}) == \
         "4.0 s: data load + check 1.0 s, training 2.5 s"
 

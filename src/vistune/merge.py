@@ -134,7 +134,8 @@ def describe_preprocessing(prep: dict | None) -> str:
     if prep is None:
         return "not recorded in the artifact"
     resize = prep["resize"]
-    steps = [f"resize to {resize[0]}×{resize[1]}" if isinstance(resize, list) else f"resize the shorter side to {resize}"]
+    steps = [f"resize to {resize[0]}×{resize[1]}" if isinstance(resize, list)
+             else f"resize the shorter side to {resize}"]
     if prep["center_crop"]:
         steps.append(f"center-crop {prep['center_crop'][0]}×{prep['center_crop'][1]}")
     mean, std = (", ".join(f"{v:.4g}" for v in prep[k]) for k in ("mean", "std"))

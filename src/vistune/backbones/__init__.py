@@ -195,7 +195,8 @@ def _cached_weights(model: torch.nn.Module) -> str | None:
             if isinstance(path, str):
                 return path
     if cfg.get("url"):
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlsplit(cfg["url"]).path))
+        filename = os.path.basename(urllib.parse.urlsplit(cfg["url"]).path)
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
         if os.path.isfile(path):
             return path
     return None
