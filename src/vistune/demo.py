@@ -35,8 +35,8 @@ DEMO_METHODS = [
     ("bias", {}, 8, 0.5),
     ("adapter", {"reduction": 8}, 8, 0.5),
 ]
-# CPU reductions (matrix products, convolutions) sum in an order that depends on the thread count: the demo
-# fixes it, so its accuracies do not depend on the machine's cores or OMP_NUM_THREADS
+# CPU kernels may split a reduction (matrix products, convolutions) by thread count: the demo fixes the count,
+# so its accuracies do not depend on the machine's cores or OMP_NUM_THREADS
 DEMO_THREADS = 2
 
 
