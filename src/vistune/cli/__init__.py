@@ -34,8 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (not the one at its creation)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _log_to_stderr() -> None:
+    """vistune's own log records on stderr as "vistune: …". Only vistune's logger gets the handler: with one
+    on the root logger, every library's record (the hub client's retries) printed twice."""
+    log = logging.getLogger("vistune")
+    log.setLevel(os.environ.get("VISTUNE_LOG", "WARNING").upper())
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("vistune: %(message)s"))
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("VISTUNE_LOG", "WARNING"), format="vistune: %(message)s")
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -60,11 +60,11 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
     elif segmentation:
-        console.print(f"{meta['method']} on {args.data} [{args.split}]: mIoU {res['miou']:.4f}, pixel accuracy "
+        console.print(f"{meta['method']} on {args.data}, {args.split} split: mIoU {res['miou']:.4f}, pixel accuracy "
                       f"{res['pixel_accuracy']:.4f} over {res['n']} images (mean pixel loss {res['loss']:.4f})")
     else:
         mode = " (deployed as pixels)" if args.deploy else ""
-        console.print(f"{meta['method']}{mode} on {args.data} [{args.split}]: accuracy {res['accuracy']:.4f} "
+        console.print(f"{meta['method']}{mode} on {args.data}, {args.split} split: accuracy {res['accuracy']:.4f} "
                       f"over {res['n']} images (mean loss {res['loss']:.4f})")
     return 0
 
@@ -146,16 +146,18 @@ def _predict_masks(args, model, meta, device) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..merge import export_merged, export_peft
+    from ..merge import describe_preprocessing, export_merged, export_peft, inference_preprocessing
 
     if not (args.merged or args.peft or args.onnx):
         raise VistuneError("export: nothing to write", "pass --merged FILE.safetensors, --peft DIR and/or --onnx FILE")
     model, meta, _ = _load_for_inference(args)
     if args.merged:
-        export_merged(model, args.merged, class_names=meta["class_names"])
+        export_merged(model, args.merged, class_names=meta["class_names"], preprocessing=meta["preprocessing"])
         console.print(f"{args.merged}: plain timm {meta['backbone']['architecture']} state_dict with the "
                       f"{meta['method']} update merged in and a {meta['num_classes']}-class head "
                       f"(timm.create_model(arch, num_classes={meta['num_classes']}) loads it)")
+        console.print("input preprocessing (in the file's metadata as \"preprocessing\", with \"class_names\"): "
+                      + describe_preprocessing(inference_preprocessing(meta["preprocessing"])))
     if args.peft:
         export_peft(model, args.peft)
         console.print(f"{args.peft}: peft adapter_model.safetensors + adapter_config.json "
@@ -204,7 +206,8 @@ def add_parsers(sub) -> None:
                                       "format (--peft)")
     _add_artifact_args(p)
     p.add_argument("--merged", metavar="FILE.safetensors",
-                   help="timm state_dict with the update folded into the weights and the head as timm's classifier")
+                   help="timm state_dict with the update folded into the weights and the head as timm's classifier; "
+                        "its metadata holds the architecture, class names and input preprocessing")
     p.add_argument("--peft", metavar="DIR", help="peft adapter_model.safetensors + adapter_config.json")
     p.add_argument("--onnx", metavar="FILE.onnx",
                    help="ONNX graph (merged where the method merges), checked with onnxruntime (vistune[onnx])")

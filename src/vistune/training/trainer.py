@@ -16,6 +16,7 @@ torchrun, so both compute the same steps up to float rounding.
 from __future__ import annotations
 
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -155,6 +156,9 @@ class TrainResult:
     train_seconds: float
     history: list[dict] = field(default_factory=list)
     val_miou: float | None = None  # segmentation: the selected epoch's val mIoU (the selection metric)
+    # seconds of this call's phases: decode (the images' first decode + transform, kept in memory),
+    # feature_cache (the frozen backbone run once), train (the steps), val (the per-epoch val eval)
+    timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +186,7 @@ class InMemory(Dataset):
         self.dataset = dataset
         self.items: list | None = None
         self.labels = getattr(dataset, "labels", None)
+        self.decode_seconds = 0.0  # spent decoding and transforming (each item once)
 
     def __len__(self):
         return len(self.dataset)
@@ -190,7 +195,9 @@ class InMemory(Dataset):
         if self.items is None:
             self.items = [None] * len(self.dataset)
         if self.items[i] is None:
+            t0 = time.perf_counter()
             self.items[i] = self.dataset[i]
+            self.decode_seconds += time.perf_counter() - t0
         return self.items[i]
 
 
@@ -314,7 +321,8 @@ def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> d
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           augment: bool = False, batch_transform=None,
-          on_step: Callable[[int, int], None] | None = None, job_identity: dict | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None,
+          on_epoch: Callable[[dict, int], None] | None = None, job_identity: dict | None = None) -> TrainResult:
     """Train ``model``'s tuned parameters; loads the best-val (or last) state into it at the end.
 
     ``batch_transform`` (e.g. random crops done on the GPU) is applied to each training batch on
@@ -323,7 +331,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     job's identity — ``job_identity`` (``{label: value}``: method, data, preprocessing, backbone, …, see
     :func:`vistune.run.job_identity`) and the training settings — and a resume whose identity differs in any
     field is refused before any work, naming each field that differs. ``on_step(done, total)`` is called after
-    every training step (e.g. a caller's own progress bar: `vistune bench` shows one per run).
+    every training step (e.g. a caller's own progress bar: `vistune bench` shows one per run); ``on_epoch(record,
+    epochs)`` after every epoch with its history record (the CLI's line per epoch where no bar shows).
     """
     device = resolve_device(cfg.device)
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
@@ -340,12 +349,14 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     augment = augment or batch_transform is not None
     if cfg.cache_inputs and not augment:
         train_set, val_set = InMemory(train_set), InMemory(val_set)
+    phases = _Phases([train_set, val_set])
     net: nn.Module = model  # what one training step runs
     segmentation = model.task == "segmentation"
     if cfg.cache_features and not augment and model.trains_head_only:
         bs = max(cfg.batch_size, 64)
-        train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
-        val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
+        with phases("feature_cache"):
+            train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
+            val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
         net = model.head
     if len(train_set) < cfg.batch_size:
         raise VistuneError(
@@ -391,6 +402,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         model.train()
         step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0
+        steps_started = phases.start()
         for step, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if batch_transform is not None:
@@ -419,8 +431,10 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         # each process updated train-mode BatchNorm statistics on its own B/N images: agree on their mean
         if world > 1:
             distributed.average_across(_tuned_buffers(model))
+        phases.stop("train", steps_started)
         train_time = time.perf_counter() - t0
-        val = evaluate(net, val_set, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
+        with phases("val"):
+            val = evaluate(net, val_set, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_accuracy": val["accuracy"],
                         "val_loss": val["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": train_time,
@@ -440,6 +454,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
                 then = (f"then continue this run with --resume (from epoch {epoch}, the last one saved)" if epoch
                         else "then run it again (no epoch had been saved yet)")
                 raise VistuneError(e.what, f"{e.fix}; {then}") from None
+        if on_epoch is not None:
+            on_epoch(history[-1], cfg.epochs)
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
@@ -447,7 +463,33 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     # the selected epoch's val scores (segmentation: selected on mIoU; its accuracy is the pixel accuracy)
     best = next((h for h in history if h["epoch"] == best_epoch), {})
     return TrainResult(val_accuracy=best.get("val_accuracy", best_val), best_epoch=best_epoch, epochs=cfg.epochs,
-                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"))
+                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"),
+                       timings=phases.seconds)
+
+
+class _Phases:
+    """Seconds per phase of :func:`train`; an image decoded for the first time inside a phase (by an
+    :class:`InMemory`) counts as ``decode``, not as that phase."""
+
+    def __init__(self, datasets: list):
+        self.caches = [d for d in datasets if isinstance(d, InMemory)]
+        self.seconds = {"decode": 0.0} if self.caches else {}
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), sum(c.decode_seconds for c in self.caches)
+
+    def stop(self, name: str, started: tuple[float, float]) -> None:
+        t0, d0 = started
+        decoded = sum(c.decode_seconds for c in self.caches) - d0
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0 - decoded
+        if self.caches:
+            self.seconds["decode"] += decoded
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = self.start()
+        yield
+        self.stop(name, started)
 
 
 def _tuned_buffers(model: Method) -> list[torch.Tensor]:
