@@ -283,7 +283,8 @@ def test_demo_reuses_a_finished_run_and_resumes_an_interrupted_one(folder, tmp_p
     interrupt_in_epoch_2(job(folder, interrupted_out))
     calls = []
     monkeypatch.setattr(demo, "run_job", lambda j, **kw: calls.append(kw["resume"]) or run_job(j, **kw))
-    assert demo._run_or_reuse(job(folder, finished, epochs=1), False, None, None) == read_metrics(finished)
+    reused = demo._run_or_reuse(job(folder, finished, epochs=1), False, None, None)
+    assert reused.pop("reused") is True and reused == read_metrics(finished)
     assert calls == []  # read back, not trained
     m = demo._run_or_reuse(job(folder, interrupted_out), False, None, None)
     assert calls == [True] and [h["epoch"] for h in m["history"]] == [1, 2]
