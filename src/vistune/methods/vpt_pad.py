@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import FAMILIES
 from ..errors import VistuneError
 from .base import InputTuner, MethodConfig, option, register
 
@@ -38,7 +37,7 @@ class VPTPadConfig(MethodConfig):
             )
 
 
-@register("vpt-pad", category="prompt", families=FAMILIES,
+@register("vpt-pad", category="prompt",
           description="VPT pad prompts: a learnable pixel border around the (shrunk) input image, any backbone")
 class VPTPad(InputTuner):
     Config = VPTPadConfig
