@@ -123,7 +123,7 @@ def test_unknown_method_and_option_errors_suggest():
 
 def test_family_support_is_checked(tiny_backbones):
     assert METHODS["linear"].families == ("any",)
-    assert METHODS["vpt-deep"].families == ("vit", "eva", "beit", "swinv2", "swin")
+    assert METHODS["vpt-deep"].families == ("vit", "eva", "beit", "swin", "swinv2")
     with pytest.raises(VistuneError, match="does not support the generic family.*needs 'tokens' or 'window-prompts'"):
         adapt(tiny_backbones("efficientnet"), make_config("vpt-deep"), 3)
     with pytest.raises(VistuneError, match="at least 2 classes"):

@@ -38,8 +38,8 @@ FAMILY_VIEWS: list[tuple[tuple[type, ...], type[BackboneView]]] = [
     ((VisionTransformer,), ViTView),
     ((Eva,), EvaView),
     ((Beit,), BeitView),
-    ((SwinTransformerV2,), SwinV2View),
     ((SwinTransformer,), SwinView),
+    ((SwinTransformerV2,), SwinV2View),
 ]
 VIEWS: tuple[type[BackboneView], ...] = (*(view for _, view in FAMILY_VIEWS), BackboneView)
 FAMILIES = tuple(view.family for view in VIEWS)

@@ -194,6 +194,20 @@ def resolve_targets(backbone, spec: str) -> dict[str, str]:
     return found
 
 
+def expose_base_attributes(model: nn.Module) -> None:
+    """Give each peft layer the plain settings of the layer it wraps (kernel_size, stride, in_features, ...):
+    some timm modules read them around the call (DaViT's ``conv.kernel_size``), and peft's layers lack them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            base = layer.get_base_layer()
+            for key, value in vars(base).items():
+                if (not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple))
+                        and not hasattr(layer, key)):
+                    setattr(layer, key, value)
+
+
 def exact_names(names) -> str:
     """A peft ``target_modules`` pattern matching exactly these module names (peft reads a list as
     name *suffixes*: "norm" would also match "patch_embed.norm"; a string is a full-match regex)."""
@@ -221,6 +235,7 @@ class PeftMethod(ModuleTuner, abc.ABC):
             # peft cannot read in/out features off a norm layer (LN-tuning) and warns; nothing is wrong
             warnings.filterwarnings("ignore", message="Unsupported layer type")
             require_peft().inject_adapter_in_model(self.peft_config(self.targets), self.backbone.model, ADAPTER_NAME)
+        expose_base_attributes(self.backbone.model)
 
     def select_targets(self, backbone, config) -> dict[str, str]:
         """Module name → role of every module peft adapts."""

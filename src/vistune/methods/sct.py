@@ -195,7 +195,7 @@ class SCTBlock(nn.Module):
 
 
 class SCTStage(nn.Module):
-    """A CNN stage followed by an SCT module on its output channels (NCHW)."""
+    """A stage followed by an SCT module on its output channels (NCHW maps: dim 1; else the last dim)."""
 
     def __init__(self, stage: nn.Module, sct: SalientChannels | None):
         super().__init__()
@@ -207,8 +207,8 @@ class SCTStage(nn.Module):
     def sct(self) -> SalientChannels | None:
         return self._sct.value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inner(x)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = self.inner(x, *args, **kwargs)  # e.g. EVA's rope=, BEiT's shared_rel_pos_bias=
         return self.sct(x) if self.enabled and self.sct is not None else x
 
 

@@ -62,6 +62,13 @@ class ScaleShift(nn.Module, Foldable):
     def forward(self, *args, **kwargs):
         return functional_call(self.inner, self.folded(), args, kwargs)
 
+    def __getattr__(self, name: str):
+        # some timm modules read their op's attributes (kernel_size, weight.device) around its call
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
     def merged(self) -> nn.Module:
         """The op itself with the folded weight and bias (same module type, same cost)."""
         with torch.no_grad():
