@@ -41,8 +41,8 @@ class ViTView(BackboneView):
         return list(self.model.blocks)
 
     def final_modules(self) -> dict[str, nn.Module]:
-        mods = {"norm": self.model.norm, "fc_norm": self.model.fc_norm}
-        return {k: m for k, m in mods.items() if any(True for _ in m.parameters())}
+        mods = {"norm": getattr(self.model, "norm", None), "fc_norm": getattr(self.model, "fc_norm", None)}
+        return {k: m for k, m in mods.items() if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels → the stock input of block 1: [prefix tokens, patches] after the positional embedding and

@@ -61,7 +61,7 @@ def cmd_methods(args) -> int:
 
 # what `backbones --all` adapts each method with: small settings that keep the check cheap and need no
 # download (a random-init side network); whether a method applies does not depend on them
-SUPPORT_OVERRIDES = {"sidetune": {"side_network": "mobilenetv3_small_050", "side_pretrained": False},
+SUPPORT_OVERRIDES = {"sidetune": {"side_network": "test_efficientnet", "side_pretrained": False},
                      "vpt-shallow": {"num_tokens": 3}, "vpt-deep": {"num_tokens": 3, "project_dim": 8},
                      "pgn": {"num_prompts": 3, "library_size": 8, "generator_width": 4},
                      "partial": {"k": 1}, "mlp": {"k": 2}}
