@@ -3,8 +3,9 @@ what the backbone × method matrix test (tests/test_backbone_matrix.py) runs.
 
 Each entry is a registered timm architecture shrunk through timm's own model options (``depth``,
 ``embed_dim``, ``img_size``, ...), so that a random-weight copy builds and trains a step in well under a
-second; the family is the architecture's timm class. ``SLOW_FAMILIES`` are families whose timm
-entry points fix their sizes (no smaller configuration can be asked for): they run in the slow matrix only.
+second; the family is the architecture's timm class. ``TIMM_FAMILIES`` (40) run in the fast matrix;
+``SLOW_FAMILIES`` in the slow one: more tiny families, and families whose timm entry points fix their sizes
+(no smaller configuration can be asked for).
 """
 from __future__ import annotations
 
@@ -46,33 +47,22 @@ TIMM_FAMILIES: dict[str, TinyConfig] = {
                                                          depths=(1, 1), num_heads=(1, 2)),
                          note="cosine attention, continuous position bias"),
     # every other timm model: the generic view
-    "swinv2-cr": TinyConfig("swinv2_cr_tiny_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
-                                                       depths=(1, 1), num_heads=(1, 2))),
     "efficientnet": TinyConfig("tf_efficientnet_lite0"),
     "mobilenetv2": TinyConfig("mobilenetv2_050"),
     "mobilenetv3": TinyConfig("mobilenetv3_small_050"),
     "mobilenetv4": TinyConfig("mobilenetv4_conv_small_050"),
-    "mnasnet": TinyConfig("mnasnet_small"),
-    "lcnet": TinyConfig("lcnet_035"),
     "resnet": TinyConfig("resnet10t", note="basic blocks"),
     "resnet-bottleneck": TinyConfig("resnet50", dict(layers=_STAGES4, base_width=16)),
     "convnext": TinyConfig("convnext_atto"),
     "convnextv2": TinyConfig("convnextv2_atto", dict(dims=_DIMS4, depths=_STAGES4)),
     "regnet": TinyConfig("regnetx_002"),
     "ghostnet": TinyConfig("ghostnet_050"),
-    "vovnet": TinyConfig("ese_vovnet19b_slim_dw"),
     "dla": TinyConfig("dla46_c"),
-    "fasternet": TinyConfig("fasternet_t0", dict(embed_dim=16, depths=_STAGES4)),
-    "starnet": TinyConfig("starnet_s050"),
-    "repvit": TinyConfig("repvit_m0_9", dict(embed_dim=_DIMS4, depth=_STAGES4)),
     "mobilevit": TinyConfig("mobilevit_xxs", note="ByobNet"),
-    "mobilevitv2": TinyConfig("mobilevitv2_050", note="ByobNet"),
     "levit": TinyConfig("levit_128s", dict(img_size=32, embed_dim=(32, 48, 64), key_dim=8, num_heads=(1, 1, 1),
                                            depth=(1, 1, 1)), note="LevitDistilled: token stages"),
     "maxvit": TinyConfig("maxvit_nano_rw_256", dict(img_size=32, embed_dim=_DIMS4, depths=_STAGES4, stem_width=16,
                                                     transformer_dim_head=8), note="MaxxVit"),
-    "coatnet": TinyConfig("coatnet_nano_rw_224", dict(img_size=32, embed_dim=_DIMS4, depths=_STAGES4, stem_width=16,
-                                                      transformer_dim_head=8), note="MaxxVit"),
     "fastvit": TinyConfig("fastvit_t8", dict(layers=_STAGES4, embed_dims=(16, 32, 64, 128), mlp_ratios=_STAGES4)),
     "caformer": TinyConfig("caformer_s18", note="MetaFormer; timm fixes its size (26M)"),
     "hiera": TinyConfig("hiera_tiny_224", dict(img_size=32, embed_dim=16, num_heads=1, stages=_STAGES4),
@@ -82,24 +72,36 @@ TIMM_FAMILIES: dict[str, TinyConfig] = {
                         note="feature levels that are not modules"),
     "edgenext": TinyConfig("edgenext_xx_small", dict(dims=_DIMS4, depths=_STAGES4, heads=_STAGES4)),
     "davit": TinyConfig("davit_tiny", dict(embed_dims=_DIMS4, depths=_STAGES4, num_heads=_STAGES4)),
-    "inception-next": TinyConfig("inception_next_atto", dict(dims=_DIMS4, depths=_STAGES4)),
     "mambaout": TinyConfig("mambaout_femto", dict(dims=_DIMS4, depths=_STAGES4), note="NHWC stages"),
-    "sequencer": TinyConfig("sequencer2d_s", dict(layers=_STAGES4, embed_dims=(16, 32, 32, 32),
-                                                  hidden_sizes=(8, 16, 16, 16)), note="NHWC stages"),
-    "tiny-vit": TinyConfig("tiny_vit_5m_224", dict(embed_dims=_DIMS4, depths=_STAGES4, num_heads=_STAGES4)),
     "efficientvit": TinyConfig("efficientvit_b0", dict(widths=(8, 16, 24, 32, 48), depths=(1, 1, 1, 1, 1),
                                                        head_dim=8), note="EfficientViT (MIT)"),
-    "efficientvit-msra": TinyConfig("efficientvit_m0", dict(img_size=32)),
     "pit": TinyConfig("pit_ti_224", dict(img_size=32, depth=(1, 1, 1), base_dims=(8, 8, 8), heads=(1, 2, 4)),
                       note="stages return (tokens, cls) tuples"),
     "cait": TinyConfig("cait_xxs24_224", _VIT, note="class-attention blocks"),
     "xcit": TinyConfig("xcit_nano_12_p16_224", _VIT, note="cross-covariance attention"),
-    "vit-relpos": TinyConfig("vit_relpos_small_patch16_224", _VIT, note="relative position"),
-    "naflexvit": TinyConfig("naflexvit_base_patch16_gap", _VIT),
 }
 
-# timm entry points that fix their sizes (too large for the fast matrix): checked by the slow matrix
+# checked by the slow matrix only: further tiny families (the fast matrix keeps to 40, for time), and timm
+# entry points that fix their sizes (too large for the fast matrix)
 SLOW_FAMILIES: dict[str, TinyConfig] = {
+    "swinv2-cr": TinyConfig("swinv2_cr_tiny_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                                       depths=(1, 1), num_heads=(1, 2))),
+    "mnasnet": TinyConfig("mnasnet_small"),
+    "lcnet": TinyConfig("lcnet_035"),
+    "vovnet": TinyConfig("ese_vovnet19b_slim_dw"),
+    "fasternet": TinyConfig("fasternet_t0", dict(embed_dim=16, depths=_STAGES4)),
+    "starnet": TinyConfig("starnet_s050"),
+    "repvit": TinyConfig("repvit_m0_9", dict(embed_dim=_DIMS4, depth=_STAGES4)),
+    "mobilevitv2": TinyConfig("mobilevitv2_050", note="ByobNet"),
+    "coatnet": TinyConfig("coatnet_nano_rw_224", dict(img_size=32, embed_dim=_DIMS4, depths=_STAGES4, stem_width=16,
+                                                      transformer_dim_head=8), note="MaxxVit"),
+    "inception-next": TinyConfig("inception_next_atto", dict(dims=_DIMS4, depths=_STAGES4)),
+    "sequencer": TinyConfig("sequencer2d_s", dict(layers=_STAGES4, embed_dims=(16, 32, 32, 32),
+                                                  hidden_sizes=(8, 16, 16, 16)), note="NHWC stages"),
+    "tiny-vit": TinyConfig("tiny_vit_5m_224", dict(embed_dims=_DIMS4, depths=_STAGES4, num_heads=_STAGES4)),
+    "efficientvit-msra": TinyConfig("efficientvit_m0", dict(img_size=32)),
+    "vit-relpos": TinyConfig("vit_relpos_small_patch16_224", _VIT, note="relative position"),
+    "naflexvit": TinyConfig("naflexvit_base_patch16_gap", _VIT),
     "poolformer": TinyConfig("poolformerv2_s12", note="MetaFormer"),
     "densenet": TinyConfig("densenet121"),
     "rexnet": TinyConfig("rexnetr_100"),
