@@ -1,8 +1,8 @@
 """Is a method attached through one source tree the same function as through another? (e.g. the generic view of
 this tree vs the CNN view of an older checkout).
 
-For each backbone × method the same job (same seed, same data, same recipe) is trained in a child process per
-source tree (``PYTHONPATH=<tree>/src``); the table prints each tree's tuned-parameter count, test accuracy and
+For each backbone × method the same job (same seed, same data, same recipe) is trained in one child process per
+source tree (``PYTHONPATH=<tree>/src``; the child trains every configuration in turn); the table prints each tree's tuned-parameter count, test accuracy and
 the sha256 of the trained tensors (the artifact's: every tensor that is not a frozen backbone tensor). Equal
 hashes mean the two trees trained bit-identical models.
 
@@ -51,32 +51,33 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=320)
     p.add_argument("--val-size", type=int, default=80)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    configs = [(b, m) for b in args.backbones.split(",") for m in args.methods.split(",")]
     if args.child:
-        print("RESULT " + json.dumps(measure(*args.child, args)))
+        for backbone, method in configs:
+            print("RESULT " + json.dumps([backbone, method, measure(backbone, method, args)]), flush=True)
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = {"this tree": here, "ref": os.path.abspath(args.ref)}
-    print(f"| backbone | method | params (this) | params (ref) | test acc (this) | test acc (ref) | same tensors |")
+    print("| backbone | method | params (this) | params (ref) | test acc (this) | test acc (ref) | same tensors |")
     print("|---|---|---:|---:|---:|---:|---|")
-    for backbone in args.backbones.split(","):
-        for method in args.methods.split(","):
-            rows = {}
-            for label, tree in trees.items():
-                env = {**os.environ, "PYTHONPATH": os.path.join(tree, "src"), "HF_HUB_OFFLINE": "1"}
-                cmd = [sys.executable, os.path.abspath(__file__), "--ref", args.ref, "--child", backbone, method,
-                       "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--train-size",
-                       str(args.train_size), "--val-size", str(args.val_size), "--threads", str(args.threads)]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-                rows[label] = json.loads(line[-1][7:]) if line else {"error": out.stderr.strip().splitlines()[-1:]}
-            a, b = rows["this tree"], rows["ref"]
-            if "error" in a or "error" in b:
-                print(f"| {backbone} | {method} | {a.get('error', '')} | {b.get('error', '')} | | | |", flush=True)
-                continue
-            print(f"| {backbone} | {method} | {a['tuned_params']:,} | {b['tuned_params']:,} | {a['test_accuracy']:.4f} "
-                  f"| {b['test_accuracy']:.4f} | {'yes' if a['sha256'] == b['sha256'] else 'NO'} |", flush=True)
+    results = {}
+    for label, tree in trees.items():
+        env = {**os.environ, "PYTHONPATH": os.path.join(tree, "src"), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        results[label] = {(b, m): r for b, m, r in (json.loads(x[7:]) for x in out.stdout.splitlines()
+                                                    if x.startswith("RESULT "))}
+        if len(results[label]) < len(configs):
+            print(f"{label}: {out.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
+    for backbone, method in configs:
+        a, b = results["this tree"].get((backbone, method)), results["ref"].get((backbone, method))
+        if a is None or b is None:
+            print(f"| {backbone} | {method} | {'failed' if a is None else ''} | {'failed' if b is None else ''} | | | |")
+            continue
+        print(f"| {backbone} | {method} | {a['tuned_params']:,} | {b['tuned_params']:,} | {a['test_accuracy']:.4f} "
+              f"| {b['test_accuracy']:.4f} | {'yes' if a['sha256'] == b['sha256'] else 'NO'} |")
 
 
 if __name__ == "__main__":
