@@ -48,7 +48,7 @@ def main() -> None:
     print("| method | single task (img/s) | mixed batch (img/s) | mixed / single | trunk passes |")
     print("|---|---:|---:|---:|---:|")
     for method in args.methods.split(","):
-        if backbone.family not in REGISTRY[method].families:
+        if not REGISTRY[method].supports(backbone):
             continue
         dirs = make_tasks(backbone, method, args.tasks, root, args.image_size)
         alone, _ = load_artifact(dirs[0], backbone=backbone)

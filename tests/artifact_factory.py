@@ -20,8 +20,9 @@ SETTINGS = {
 }
 
 
-def methods_for(family: str) -> list[str]:
-    return sorted(n for n, i in METHODS.items() if family in i.families)
+def methods_for(view) -> list[str]:
+    """The methods that run on a backbone view (or view class)."""
+    return sorted(n for n, i in METHODS.items() if i.supports(view))
 
 
 def perturbed(backbone, method: str, num_classes: int, seed: int, sets: dict | None = None):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import IMAGE_SIZE
+import timm
+from conftest import IMAGE_SIZE, TINY
+from vistune.backbones import view_class_for
 from vistune.artifacts import load_artifact, save_artifact
 from vistune.errors import VistuneError
 from vistune.methods import METHODS, adapt, make_config
@@ -19,9 +21,7 @@ OVERRIDES = {"sidetune": {"side_network": "mobilenetv3_small_050", "side_pretrai
 def _cases():
     for name, info in sorted(METHODS.items()):
         for kind in FAMILY_KINDS:
-            family = "cnn" if kind in ("efficientnet", "resnet", "convnext", "mobilenet") else kind.split("_")[0]
-            family = "vit" if kind in ("vit_reg_avg", "deit_distilled") else family
-            if family in info.families:
+            if info.supports(view_class_for(timm.create_model(TINY[kind][0], pretrained=False, **TINY[kind][1]))):
                 yield pytest.param(name, kind, id=f"{name}-{kind}")
 
 
@@ -122,8 +122,10 @@ def test_unknown_method_and_option_errors_suggest():
 
 
 def test_family_support_is_checked(tiny_backbones):
-    info = METHODS["linear"]
-    assert set(info.families) == {"vit", "swin", "cnn"}
+    assert METHODS["linear"].families == ("any",)
+    assert METHODS["vpt-deep"].families == ("vit", "eva", "beit", "swin", "swinv2")
+    with pytest.raises(VistuneError, match="does not support the generic family.*needs 'tokens' or 'window-prompts'"):
+        adapt(tiny_backbones("efficientnet"), make_config("vpt-deep"), 3)
     with pytest.raises(VistuneError, match="at least 2 classes"):
         adapt(tiny_backbones("vit"), make_config("linear"), 1)
 

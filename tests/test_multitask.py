@@ -28,7 +28,7 @@ def _trunk_passes(mt: MultiTask) -> list[int]:
 @pytest.mark.parametrize("kind", ["vit", "swin", "mobilenet"])
 def test_mixed_batch_equals_every_artifact_alone(tiny_backbones, tmp_path, kind):
     backbone = tiny_backbones(kind)
-    tasks = {m: {} for m in methods_for(backbone.family)}
+    tasks = {m: {} for m in methods_for(backbone)}
     if kind == "vit":  # a second prompt length (its own pass) and VPT-deep beside VPT-shallow at length 2
         tasks["vpt-deep-3"] = {"num_tokens": 3}
     dirs, models = {}, {}  # the saved models themselves (artifacts round-trip to identical logits: test_artifacts)

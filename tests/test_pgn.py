@@ -292,7 +292,7 @@ def test_bad_options_are_refused(sets, match):
 
 
 def test_pgn_refuses_cnn_backbones(tiny_backbones):
-    with pytest.raises(VistuneError, match="does not support the cnn family"):
+    with pytest.raises(VistuneError, match="does not support the generic family"):
         adapt(tiny_backbones("resnet"), make_config("pgn"), 3)
 
 

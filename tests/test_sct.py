@@ -59,7 +59,7 @@ def _tune_by_hand(x: torch.Tensor, m: SalientChannels, channel_dim: int = -1) ->
 # ------------------------------------------------------------------------------- registry, config, counts
 def test_registered_as_parameter_method_for_every_family():
     info = METHODS["sct"]
-    assert info.category == "parameter" and set(info.families) == {"vit", "swin", "cnn"} and info.description
+    assert info.category == "parameter" and info.families == ("any",) and info.description
     fields = info.config_class.fields_help()
     assert fields["top_k"][1] is None and fields["ratio"][1] == 1 / 8 and fields["placement"][1] == "attn"
     assert all(text for _, _, text in fields.values())

@@ -163,7 +163,7 @@ def test_decoder_gives_per_pixel_logits_on_every_family(tiny_backbones, kind):
         model = adapt(backbone, make_config(name), 5, task="segmentation")
         assert model.task == "segmentation" and model.trains_head_only is False
         assert model.eval()(X).shape == (2, 5, IMAGE_SIZE, IMAGE_SIZE)
-    if backbone.family == "cnn":  # the last 4 feature levels, strides 4..32
+    if not backbone.transformer:  # the last 4 feature levels, strides 4..32
         assert [f.shape[-1] for f in model.dense_features(X)] == [IMAGE_SIZE // s for s in (4, 8, 16, 32)]
 
 

@@ -136,7 +136,7 @@ def test_swin_prompted_attention_matches_naive_math(tiny_backbones):
     mask[1, :, : n // 2] = -100.0
     with torch.no_grad():
         got = wrapped(x, mask)
-        prompts = wrapped.norm(wrapped.prompts.value)
+        prompts = wrapped.norm.value(wrapped.prompts.value)
         heads = a.num_heads
         q, k, v = a.qkv(x).reshape(4, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
         _, pk, pv = a.qkv(prompts).reshape(3, 3, heads, -1).permute(1, 2, 0, 3)
@@ -156,6 +156,15 @@ def test_swin_prompt_counts_follow_stage_widths(tiny_backbones):
     shallow = count_parameters(adapt(backbone, make_config("vpt-shallow", {"num_tokens": 4}), 5))
     assert deep["tuned_params_excluding_head"] == 4 * 16 + 4 * 32
     assert shallow["tuned_params_excluding_head"] == 4 * 16
+
+
+def test_swin_prompted_attention_borrows_the_frozen_norm(tiny_backbones):
+    """The wrapper reads the block's norm1 but does not own it: the artifact holds no copy of the frozen norm
+    (loading one onto a shared backbone would overwrite the backbone's own)."""
+    model = adapt(tiny_backbones("swin"), make_config("vpt-deep", {"num_tokens": 2}), 5)
+    wrapper = model.backbone.blocks()[0].attn
+    assert wrapper.norm.value is model.backbone.blocks()[0].norm1
+    assert not [k for k in model.tuned_state_dict() if "norm" in k]
 
 
 @pytest.mark.parametrize("canvas,size", [("shrink", 32), ("grow", 36)])
@@ -229,7 +238,7 @@ def test_swin_prompt_dropout_draws_a_mask_per_window(tiny_backbones):
     attn = model.backbone.blocks()[0].attn
     seen = []
     p = model.prompts[0].shape[0]
-    handle = attn.norm.register_forward_pre_hook(  # norm1 also normalises the patch tokens (NHWC): skip those
+    handle = attn.norm.value.register_forward_pre_hook(  # norm1 also normalises the patch tokens (NHWC): skip those
         lambda m, args: seen.append(args[0]) if args[0].ndim < 4 and args[0].shape[-2] == p else None)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -242,4 +251,4 @@ def test_swin_prompt_dropout_draws_a_mask_per_window(tiny_backbones):
     kept = trained != 0
     assert torch.allclose(trained[kept], (prompt.expand_as(trained) / 0.5)[kept])
     assert len({tuple(m.flatten().tolist()) for m in kept}) == trained.shape[0]
-    assert torch.equal(clean, prompt)
+    assert torch.equal(clean, prompt.unsqueeze(0))

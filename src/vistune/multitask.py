@@ -78,6 +78,9 @@ _CHANNEL_NORMS = (LayerNorm2d, nn.GroupNorm, GroupNorm)
 _BATCH_NORMS = (nn.BatchNorm2d, BatchNormAct2d)
 # methods whose features() the top level knows how to share (every other method uses Method.features)
 _KNOWN_FEATURES = (VPTShallow, PGN, VPTPad, Sidetune)
+# the mixed pass routes prompts through the ViT token seam and Swin V1's prompted window attention; prompt tasks
+# on the other token families (EVA, BEiT, Swin V2) run their own pass
+_SHARED_PROMPT_FAMILIES = ("vit", "swin")
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -416,8 +419,7 @@ class _PromptedWindows(nn.Module):
 def _prompt_kv(wrapper: PromptedWindowAttention) -> tuple[torch.Tensor, torch.Tensor]:
     """A VPT-Swin block's prompt keys and values (heads, p, head_dim), as PromptedWindowAttention computes them."""
     a = wrapper.inner
-    prompts = wrapper.prompts.value if wrapper.project.value is None else wrapper.project.value(wrapper.prompts.value)
-    prompts = wrapper.norm(wrapper.dropout(prompts))
+    prompts = wrapper.prompt_tokens(1)[0]
     p = prompts.shape[0]
     _, pk, pv = a.qkv(prompts).reshape(p, 3, a.num_heads, -1).permute(1, 2, 0, 3).unbind(0)
     return pk.contiguous(), pv.contiguous()
@@ -719,6 +721,8 @@ class MultiTask(nn.Module):
         if cls.forward is not Method.forward:
             return True
         if cls.features is not Method.features and not isinstance(model, _KNOWN_FEATURES):
+            return True
+        if isinstance(model, (VPTShallow, PGN)) and self.backbone.family not in _SHARED_PROMPT_FAMILIES:
             return True
         shared = {p.data_ptr() for p in self.backbone.model.parameters()}
         if not any(p.data_ptr() in shared for p in model.backbone.model.parameters()):

@@ -18,16 +18,16 @@ import urllib.parse
 
 import timm
 import torch
-from timm.models.convnext import ConvNeXt
-from timm.models.efficientnet import EfficientNet
-from timm.models.mobilenetv3 import MobileNetV3
-from timm.models.resnet import ResNet
+from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import VistuneError, suggest
-from .base import BackboneSpec, BackboneView
-from .cnn import CNNView
+from .base import BackboneSpec, BackboneView, Borrowed, Layout
+from .beit import BeitView
+from .eva import EvaView
 from .offline import (
     OFFLINE_BACKBONES,
     OfflineBackbone,
@@ -35,35 +35,51 @@ from .offline import (
     packaged_backbones,
     packaged_weights_path,
 )
-from .swin import SwinView
+from .swin import SwinV2View, SwinView
 from .vit import ViTView
 
 log = logging.getLogger("vistune")
 
+# Family views: only where a method needs the token sequence or the window attention. Every other timm model
+# gets the generic view (BackboneView itself). The first matching class wins.
 FAMILY_VIEWS: list[tuple[tuple[type, ...], type[BackboneView]]] = [
     ((VisionTransformer,), ViTView),
+    ((Eva,), EvaView),
+    ((Beit,), BeitView),
     ((SwinTransformer,), SwinView),
-    ((EfficientNet, MobileNetV3, ResNet, ConvNeXt), CNNView),
+    ((SwinTransformerV2,), SwinV2View),
 ]
-FAMILIES = ("vit", "swin", "cnn")
+VIEWS: tuple[type[BackboneView], ...] = (*(view for _, view in FAMILY_VIEWS), BackboneView)
+FAMILIES = tuple(view.family for view in VIEWS)
+SEAMS = tuple(sorted({seam for view in VIEWS for seam in view.seams}))
+TIMM_INTERFACE = ("forward_features", "forward_head", "reset_classifier")
 
 __all__ = [
-    "BackboneSpec", "BackboneView", "CNNView", "SwinView", "ViTView", "FAMILIES",
-    "load_backbone", "view_for", "OFFLINE_BACKBONES", "packaged_backbones",
+    "BackboneSpec", "BackboneView", "BeitView", "Borrowed", "EvaView", "Layout", "SwinView", "SwinV2View",
+    "ViTView", "FAMILIES", "FAMILY_VIEWS", "SEAMS", "VIEWS", "load_backbone", "view_for", "view_class_for",
+    "OFFLINE_BACKBONES", "packaged_backbones",
 ]
+
+
+def view_class_for(model: torch.nn.Module) -> type[BackboneView]:
+    """The family view of a timm model's class; the generic view for every other timm model."""
+    for classes, view_cls in FAMILY_VIEWS:
+        if isinstance(model, classes):
+            return view_cls
+    return BackboneView
 
 
 def view_for(model: torch.nn.Module, spec: BackboneSpec) -> BackboneView:
-    """Wrap a stock timm model (its classifier removed) in the view of its family."""
-    for classes, view_cls in FAMILY_VIEWS:
-        if isinstance(model, classes):
-            model.reset_classifier(0)
-            return view_cls(model, spec)
-    raise VistuneError(
-        f"backbone {spec.name!r} is a {type(model).__name__}, a family vistune has no view for",
-        "use a timm VisionTransformer, SwinTransformer, EfficientNet/MobileNet, ResNet or ConvNeXt "
-        "model (see `vistune backbones`)",
-    )
+    """Wrap a stock timm model (its classifier removed) in the view of its family, or the generic view."""
+    missing = [a for a in TIMM_INTERFACE if not callable(getattr(model, a, None))]
+    if missing:
+        raise VistuneError(
+            f"backbone {spec.name!r} is a {type(model).__name__} without timm's model interface "
+            f"({', '.join(missing)} missing)",
+            "use a timm model (timm.list_models()); vistune reaches backbones only through timm's interfaces",
+        )
+    model.reset_classifier(0)
+    return view_class_for(model)(model, spec)
 
 
 def _offline_names() -> list[str]:

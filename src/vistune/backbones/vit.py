@@ -1,7 +1,9 @@
-"""View over timm's VisionTransformer and kin (ViT, DeiT, DINOv2, CLIP, EVA-style models).
+"""View over timm's VisionTransformer and kin (ViT, DeiT, DINOv2, CLIP, SigLIP, hybrid ViTs).
 
 Handles CLS + register tokens, DeiT's distillation token, no-CLS avg-pool models and
 CLIP-style ``norm_pre`` by using timm's own ``_pos_embed``/``norm_pre``/``forward_head``.
+Hybrid ViTs (a CNN stem in ``HybridEmbed``) are ViTs here: their blocks run the same token
+sequence; only their patch projection is not a patchify convolution of the pixels.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from .base import BackboneView
 
 class ViTView(BackboneView):
     family = "vit"
+    seams = frozenset({"tokens"})
+    transformer = True
 
     @property
     def embed_dim(self) -> int:
@@ -27,14 +31,18 @@ class ViTView(BackboneView):
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
+        """Pixels per token (a hybrid's CNN stride × its patch size on the feature map)."""
+        pe = self.model.patch_embed
+        if getattr(pe, "img_size", None) is not None and getattr(pe, "grid_size", None) is not None:
+            return tuple(i // g for i, g in zip(pe.img_size, pe.grid_size))
+        return tuple(pe.patch_size)
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.blocks)
 
     def final_modules(self) -> dict[str, nn.Module]:
-        mods = {"norm": self.model.norm, "fc_norm": self.model.fc_norm}
-        return {k: m for k, m in mods.items() if any(True for _ in m.parameters())}
+        mods = {"norm": getattr(self.model, "norm", None), "fc_norm": getattr(self.model, "fc_norm", None)}
+        return {k: m for k, m in mods.items() if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels → the stock input of block 1: [prefix tokens, patches] after the positional embedding and

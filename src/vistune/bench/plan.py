@@ -205,7 +205,7 @@ def build_plan(suite: Suite, tasks: list[Task], methods: list[str], backbone, *,
     for m in methods:
         info, _ = resolve_method(m)  # unknown method → VistuneError with suggestions
         infos[m] = info
-        if backbone.family not in info.families:
+        if not info.supports(backbone):
             family_errors.append(f"{m} (supports {', '.join(info.families)})")
     if family_errors:
         raise VistuneError(

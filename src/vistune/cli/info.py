@@ -60,8 +60,100 @@ def cmd_methods(args) -> int:
     return 0
 
 
+# what `backbones --all` adapts each method with: small settings that keep the check cheap and need no
+# download (a random-init side network); whether a method applies does not depend on them
+SUPPORT_OVERRIDES = {"sidetune": {"side_network": "test_efficientnet", "side_pretrained": False},
+                     "vpt-shallow": {"num_tokens": 3}, "vpt-deep": {"num_tokens": 3, "project_dim": 8},
+                     "pgn": {"num_prompts": 3, "library_size": 8, "generator_width": 4},
+                     "partial": {"k": 1}, "mlp": {"k": 2}}
+
+
+FAILS = "FAILS (a bug, not a refusal) — "
+
+
+def _mark(reason: str | None) -> str:
+    return "✓" if reason is None else "✗" if reason.startswith(FAILS) else "–"
+
+
+def support_matrix(progress: bool = True) -> dict[str, dict[str, str | None]]:
+    """family → method → None (it applies) or the first line of its refusal, for one tiny random-weight model of
+    each timm family (backbones/catalog.py): every method is attached with ``adapt``, as a user's run would."""
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from ..backbones import load_backbone
+    from ..backbones.catalog import SLOW_FAMILIES, TIMM_FAMILIES
+    from ..errors import VistuneError
+    from ..methods import METHODS, adapt, make_config
+
+    matrix: dict[str, dict[str, str | None]] = {}
+    families = {**TIMM_FAMILIES, **SLOW_FAMILIES}
+    quiet = logging.getLogger("vistune")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the random-init notice, once per family otherwise
+    try:
+        for family, cfg in tqdm(families.items(), desc="timm families", disable=not progress):
+            backbone = load_backbone(cfg.architecture, random_init=True, model_kwargs=cfg.model_kwargs)
+            row = matrix[family] = {}
+            for name in sorted(METHODS):
+                try:
+                    config = make_config(name, SUPPORT_OVERRIDES.get(name), image_size=cfg.image_size)
+                    adapt(backbone, config, num_classes=3)
+                    row[name] = None
+                except VistuneError as e:
+                    row[name] = e.args[0] if e.args else str(e)
+                except Exception as e:  # a bug, not a refusal: the table shows it as such (✗)
+                    row[name] = f"{FAILS}{type(e).__name__}: {e}"
+    finally:
+        quiet.setLevel(level)
+    return matrix
+
+
+def support_markdown(matrix: dict[str, dict[str, str | None]]) -> str:
+    """The families × methods table of docs/backbones.md (✓ applies, – refuses with a VistuneError, ✗ fails with
+    another exception: a bug), then the reasons."""
+    from ..backbones.catalog import SLOW_FAMILIES, TIMM_FAMILIES
+    from ..methods import METHODS
+
+    names = sorted(METHODS)
+    families = {**TIMM_FAMILIES, **SLOW_FAMILIES}
+    rows = ["| family | timm architecture (tiny) | " + " | ".join(f"`{n}`" for n in names) + " |",
+            "|---|---|" + "---|" * len(names)]
+    for family, row in matrix.items():
+        cfg = families[family]
+        cells = " | ".join(_mark(row[n]) for n in names)
+        rows.append(f"| `{family}` | `{cfg.architecture}`{' (slow)' if family in SLOW_FAMILIES else ''} | {cells} |")
+    table = "\n".join(rows)
+    refusals = "\n".join(f"- `{family}` × `{name}`: {row[name]}" for family, row in matrix.items() for name in names
+                         if row[name] is not None and (not METHODS[name].needs or row[name].startswith(FAILS)))
+    return table + ("\n\nWhere a method that needs no family view refuses (or a cell fails), it says why:\n\n" + refusals
+                    if refusals else "")
+
+
 def cmd_backbones(args) -> int:
     from ..backbones import OFFLINE_BACKBONES, packaged_backbones
+
+    if args.all:
+        matrix = support_matrix(progress=not args.markdown)
+        if args.markdown:
+            print("<!-- support-table:start -->")
+            print(support_markdown(matrix))
+            print("<!-- support-table:end -->")
+            return 0
+        from ..methods import METHODS
+
+        names = sorted(METHODS)
+        table = Table(title="Which method runs on which timm family (✓; – refuses with a reason; ✗ fails: a bug)")
+        table.add_column("family", no_wrap=True)
+        for n in names:
+            table.add_column(n)
+        for family, row in matrix.items():
+            table.add_row(family, *(_mark(row[n]) for n in names))
+        console.print(table)
+        console.print("Every other timm model gets the generic view too; the reasons of each refusal: "
+                      "vistune backbones --all --markdown (docs/backbones.md)")
+        return 0
 
     table = Table(title="Offline backbones (no network needed)")
     for col in ("name", "timm architecture", "weights", "installed", "description"):
@@ -78,8 +170,10 @@ def cmd_backbones(args) -> int:
         "convnext_tiny.\n"
         "Local weights: --backbone <timm architecture> --checkpoint FILE (.safetensors/.pth/.npz).\n"
         "Random weights for shape checks: --backbone <timm architecture> --random-init.\n"
-        "Families with a view: vit (VisionTransformer & kin), swin, cnn (EfficientNet, MobileNet, "
-        "ResNet, ConvNeXt). List timm names with: python -c \"import timm; print(timm.list_models('vit_*'))\""
+        "Any timm model gets the generic view (module tuners, heads, pad prompts, side-tuning); family views add the "
+        "token sequence for VPT/PGN: vit (VisionTransformer & kin), eva, beit, swin, swinv2. Which method runs on "
+        "which timm family: vistune backbones --all. List timm names with: "
+        "python -c \"import timm; print(timm.list_models('vit_*'))\""
     )
     return 0
 
@@ -91,4 +185,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_methods)
 
     p = subparser(sub, "backbones", help="list offline backbones and how to name any timm model")
+    p.add_argument("--all", action="store_true",
+                   help="attach every method to a tiny random-weight model of each timm family and table which "
+                        "apply (a few minutes on a CPU)")
+    p.add_argument("--markdown", action="store_true", help="with --all: print the table as Markdown (docs/backbones.md)")
     p.set_defaults(func=cmd_backbones)

@@ -1,8 +1,10 @@
 """Adapter (Pfeiffer placement): after the FFN, before its residual, x + up(act(down(x))).
 
-Transformers: each block's ``mlp`` is wrapped, so the adapter sees the FFN output.
-CNNs: a 1×1-conv bottleneck adapter after every residual block (the same bottleneck on the
-feature map's channels); the block widths are read off one dummy forward pass.
+Transformer views (ViT, EVA, BEiT, Swin V1/V2): each block's ``mlp`` is wrapped, so the adapter
+sees the FFN output. Every other timm model (the generic view: CNNs, hybrids, MetaFormers, ...):
+a bottleneck adapter after every residual block of the stages timm's ``feature_info`` names — 1×1
+convs on NCHW feature maps, Linears on channels-last maps and token sequences; the block widths and
+layouts are read off one dummy forward pass.
 
 The official VPT code zero-initialises down AND up, so only up.bias ever learns; ``init=vpt``
 reproduces that, the default ``init=learn`` (down: Xavier, up: zeros) starts as the identity
@@ -65,18 +67,24 @@ class AdaptedOutput(nn.Module):
 
 
 @register("adapter", category="adapter",
-          description="Pfeiffer adapter after each FFN (ViT/Swin) or a 1x1-conv bottleneck after each block (CNN)")
+          description="Pfeiffer adapter after each FFN (transformers) or a bottleneck after each block (any timm model)")
 class Adapter(ModuleTuner):
     Config = AdapterConfig
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def attach(self):
         backbone, config = self.backbone, self.config
-        if backbone.family == "cnn":
+        if not backbone.transformer:
             blocks = backbone.blocks()
             names = backbone.module_names(blocks)
-            for name, dim in zip(names, backbone.out_channels(blocks)):
-                bottleneck = Bottleneck(dim, config.reduction, config.init, True)
+            layouts = backbone.layouts(blocks)
+            if None in layouts:
+                raise VistuneError(
+                    f"adapter: block {names[layouts.index(None)]} of {backbone.spec.name!r} does not output one "
+                    "feature map or token tensor, so there is no place for an adapter after it",
+                    "use another method on this backbone (lora, ssf, bias, pro-tuning, ...)")
+            for name, layout in zip(names, layouts):
+                bottleneck = Bottleneck(layout.channels, config.reduction, config.init, layout.kind == "nchw")
                 replace_module(backbone.model, name, AdaptedOutput(backbone.model.get_submodule(name), bottleneck))
         else:
             for block in backbone.blocks():

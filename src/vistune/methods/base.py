@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..backbones import FAMILIES, BackboneView
+from ..backbones import SEAMS, VIEWS, BackboneView, Borrowed  # noqa: F401 (Borrowed: re-exported)
 from ..errors import VistuneError, suggest
 
 CATEGORIES = ("fine-tuning", "prompt", "adapter", "parameter", "remapping")
@@ -129,19 +129,6 @@ def _coerce(value, tp, where: str):
         raise VistuneError(f"{where}={value!r} is not a valid {tp.__name__}", None) from None
     raise VistuneError(f"{where}: cannot parse {value!r} as {tp}")
 
-
-
-class Borrowed:
-    """A reference to a module or tensor that another module owns (and saves).
-
-    An attribute holding a module registers it as a child; wrapping it in ``Borrowed`` does not, so a module
-    shared between a method and the wrappers it puts into the backbone appears once in ``state_dict()`` and
-    ``parameters()`` (under the method), and ``.to()`` moves it once."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
 
 
 class Foldable(abc.ABC):
@@ -305,14 +292,15 @@ class ModuleTuner(Method):
 
 
 class TokenTuner(Method):
-    """A method that adds tokens to the token sequence of a token family (ViT & kin).
+    """A method that adds tokens to the token sequence of a token family (ViT & kin: ViT, EVA, BEiT).
 
     It reaches the sequence only through the view's one seam, ``view.forward_tokens(x, prompts, layer_prompts)``
     (:class:`~vistune.backbones.vit.ViTView`): the prompts enter after the positional embedding, after all prefix
     tokens, before ``norm_pre``, and never reach the final norm or pooling. Such a model has no feature maps
-    without its prompts and no merged form: token tuners neither segment nor merge."""
+    without its prompts and no merged form: token tuners neither segment nor merge. It registers with
+    ``needs=("tokens", ...)``: the seams of a view it can run on (any one of them)."""
 
-    token_families: ClassVar[tuple[str, ...]] = ("vit",)
+    token_seam: ClassVar[str] = "tokens"
 
 
 class InputTuner(Method):
@@ -331,8 +319,18 @@ class MethodInfo:
     name: str
     method_class: type[Method]
     category: str
-    families: tuple[str, ...]
+    needs: tuple[str, ...]  # view seams it can run on, any one of them; () = every view (module tuners, heads, ...)
     description: str
+
+    def supports(self, view: BackboneView | type[BackboneView]) -> bool:
+        """Does a view (or view class) offer what the method needs?"""
+        return not self.needs or bool(set(self.needs) & view.seams)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The views it runs on (generated from :attr:`needs` and the views' seams): ``("any",)`` when it needs
+        nothing of the backbone but timm's own interfaces."""
+        return ("any",) if not self.needs else tuple(v.family for v in VIEWS if self.supports(v))
 
     @property
     def config_class(self) -> type[MethodConfig]:
@@ -349,7 +347,7 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {}
 
 
-def _check_contract(name: str, cls: type[Method]) -> None:
+def _check_contract(name: str, cls: type[Method], needs: tuple[str, ...]) -> None:
     """The class attributes of the contract (see :class:`Method`) are well-formed; a programming error if not."""
     problems = []
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, MethodConfig)):
@@ -362,6 +360,11 @@ def _check_contract(name: str, cls: type[Method]) -> None:
         problems.append("default_warmup_fraction must be in [0, 1)")
     if issubclass(cls, TokenTuner) and (cls.supports_segmentation or cls.mergeable):
         problems.append("a TokenTuner can neither segment nor merge")
+    if issubclass(cls, TokenTuner) and TokenTuner.token_seam not in needs:
+        problems.append(f"a TokenTuner needs the {TokenTuner.token_seam!r} seam: register it with needs=(..., "
+                        f"{TokenTuner.token_seam!r})")
+    if set(needs) - set(SEAMS):
+        problems.append(f"needs {sorted(set(needs) - set(SEAMS))} are not seams of any view ({', '.join(SEAMS)})")
     kinds = [k for k, base in TUNER_KINDS.items() if issubclass(cls, base)]
     if cls.head_only and kinds:
         problems.append(f"a head-only method changes nothing in the frozen model: it is no {kinds[0]} tuner")
@@ -372,16 +375,21 @@ def _check_contract(name: str, cls: type[Method]) -> None:
         raise TypeError(f"method {name!r} ({cls.__qualname__}) breaks the Method contract: {'; '.join(problems)}")
 
 
-def register(name: str, *, category: str, families: tuple[str, ...] = FAMILIES, description: str):
-    """Class decorator adding a Method subclass to the registry under ``name``."""
+def register(name: str, *, category: str, needs: tuple[str, ...] = (), description: str):
+    """Class decorator adding a Method subclass to the registry under ``name``.
+
+    ``needs``: the view seams the method can run on, any one of them (``"tokens"``: the token sequence of ViT,
+    EVA and BEiT; ``"window-prompts"``: prompt keys/values in Swin's window attention). Leave it empty for a
+    method that needs nothing but timm's own interfaces and module types: it runs on every view, including a
+    family view added later."""
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {CATEGORIES}")
 
     def deco(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _check_contract(name, cls)
-        info = MethodInfo(name, cls, category, tuple(families), description)
+        _check_contract(name, cls, tuple(needs))
+        info = MethodInfo(name, cls, category, tuple(needs), description)
         cls.info = info
         METHODS[name] = info
         return cls
@@ -444,11 +452,13 @@ def adapt(backbone: BackboneView, config: MethodConfig | str, num_classes: int,
     if isinstance(config, str):
         config = make_config(config)
     info = method_of(config)
-    if backbone.family not in info.families:
+    if not info.supports(backbone):
         raise VistuneError(
-            f"method {info.name!r} does not support the {backbone.family} family "
-            f"(backbone {backbone.spec.name!r})",
-            f"it supports: {', '.join(info.families)}; `vistune methods` lists which method fits which family",
+            f"method {info.name!r} does not support the {backbone.family} family (backbone {backbone.spec.name!r}, "
+            f"a timm {type(backbone.model).__name__}): it needs {' or '.join(repr(n) for n in info.needs)} of the "
+            "backbone, which that view does not offer",
+            f"use a backbone of the families {', '.join(info.families)}, or a method that runs on any timm model; "
+            "`vistune backbones --all` shows which method runs on which timm family",
         )
     if num_classes < 2:
         raise VistuneError(f"num_classes={num_classes}: a classifier needs at least 2 classes")

@@ -4,9 +4,10 @@ The features come from timm's own ``forward_intermediates(x, intermediates_only=
 same submodules as the classification forward, so every wrapper a method puts into the backbone (Pro-tuning's
 prompt blocks, adapters, cloned tuned tensors) stays in effect. Levels taken:
 
-- CNNs (EfficientNet, MobileNet, ResNet, ConvNeXt) and Swin: the last 4 of timm's feature levels
-  (CNNs: strides 4, 8, 16, 32; Swin: its stages, fewer when the model has fewer);
-- ViT: the outputs of 4 evenly spaced blocks (e.g. 3, 6, 9, 12 of 12), as 2-D patch grids (all stride = patch).
+- every timm model but the token families: the last 4 of timm's feature levels (``feature_info``; CNNs:
+  strides 4, 8, 16, 32; Swin: its stages, fewer when the model has fewer);
+- the token families (ViT, EVA, BEiT): the outputs of 4 evenly spaced blocks (e.g. 3, 6, 9, 12 of 12), as 2-D
+  patch grids (all stride = patch).
 
 Decoder (the ``head`` of a segmentation model): torchvision's ``FeaturePyramidNetwork`` (1×1 laterals,
 nearest top-down path, 3×3 output convs, ``dim`` channels) → every level bilinearly upsampled to the finest
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import VistuneError
+
 TASKS = ("classification", "segmentation")
 DECODER_DIM = 64
 LEVELS = 4
@@ -28,11 +31,11 @@ LEVELS = 4
 def dense_indices(backbone) -> int | list[int]:
     """What ``forward_intermediates(indices=…)`` gets: the last n levels (int) or ViT block indices."""
     model = backbone.model
-    if backbone.family == "vit":
+    if "tokens" in backbone.seams:
         depth = len(model.blocks)
         n = min(LEVELS, depth)
         return sorted({round((i + 1) * depth / n) - 1 for i in range(n)})
-    return min(LEVELS, len(model.feature_info))
+    return min(LEVELS, len(getattr(model, "feature_info", None) or []))
 
 
 def dense_features(backbone, x: torch.Tensor) -> list[torch.Tensor]:
@@ -44,7 +47,7 @@ def dense_features(backbone, x: torch.Tensor) -> list[torch.Tensor]:
 def dense_channels(backbone) -> list[int]:
     """Channels of each level, read off one dummy forward pass (no gradients, no RNG draws)."""
     model = backbone.model
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (64, 64)
+    size = backbone.input_size()
     p = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -79,4 +82,13 @@ class FPNDecoder(nn.Module):
 
 
 def make_decoder(backbone, num_classes: int) -> FPNDecoder:
-    return FPNDecoder(dense_channels(backbone), num_classes)
+    name = f"{backbone.spec.name!r} (a timm {type(backbone.model).__name__})"
+    if not callable(getattr(backbone.model, "forward_intermediates", None)) or not dense_indices(backbone):
+        raise VistuneError(f"segmentation: {name} has no forward_intermediates / feature levels in timm",
+                           "use a backbone whose timm model implements forward_intermediates (most do)")
+    try:
+        channels = dense_channels(backbone)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise VistuneError(f"segmentation: timm's forward_intermediates of {name} fails ({type(e).__name__}: "
+                           f"{str(e)[:160]})", "use another backbone for segmentation") from None
+    return FPNDecoder(channels, num_classes)

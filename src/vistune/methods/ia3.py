@@ -1,8 +1,9 @@
 """(IA)³ (Liu et al., NeurIPS 2022, "T-Few") through HF peft: learned vectors that rescale activations.
 
-The paper rescales keys, values and the FFN's hidden activation; on a ViT/Swin that is ``kv+fc2``
+The paper rescales keys, values and the FFN's hidden activation; on a transformer view that is ``kv+fc2``
 (default): k and v rows of the fused qkv (split, see peft_common) are scaled at their output, fc2 at
-its input (peft's "feedforward" modules). On CNNs every dense conv's output channels are scaled.
+its input (peft's "feedforward" modules); ``fc2`` alone where the attention reads its qkv weight directly
+(EVA-02, BEiT, Swin V2). On every other timm model every dense conv's and Linear's outputs are scaled.
 The vectors start at one, so step 0 is the frozen model; merging multiplies them into the weights.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from .peft_common import PeftMethod, exact_names, require_peft
 @register("ia3", category="parameter",
           description="(IA)3 (peft): rescales k, v and the FFN hidden activation (CNN: conv outputs); mergeable")
 class IA3(PeftMethod):
-    default_targets = {"vit": "kv+fc2", "swin": "kv+fc2", "cnn": "dense"}
+    default_targets = {"transformer": "kv+fc2", "generic": "dense"}
+    fallback_targets = "fc2"
 
     def peft_config(self, targets):
         return require_peft().IA3Config(

@@ -1,23 +1,27 @@
 """LN-tuning (Qi et al., 2022) through HF peft: every normalisation layer's affine weight and bias train.
 
 peft's LNTuning keeps a trainable copy of each targeted norm next to the frozen one. On ViT/Swin
-these are all LayerNorms (the paper's method); on CNNs we apply the same idea to the BatchNorm /
-LayerNorm / GroupNorm layers (BN statistics stay frozen: the backbone runs in eval mode). Starts as
+these are all LayerNorms (the paper's method); on every other timm model we apply the same idea to
+every normalisation layer with an affine weight — BatchNorm (BN statistics stay frozen: the backbone
+runs in eval mode), LayerNorm (incl. timm's channels-first LayerNorm2d), GroupNorm, RMSNorm. Starts as
 the frozen model; merging swaps the tuned copies in.
 """
 from __future__ import annotations
 
+from timm.layers import RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
 from torch import nn
 
 from ..errors import VistuneError
 from .base import MethodConfig, register
 from .peft_common import PeftMethod, exact_names, require_peft
 
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm, RmsNorm, RmsNorm2d,
+         SimpleNorm, SimpleNorm2d)
 
 
 @register("ln-tuning", category="parameter",
-          description="LN-tuning (peft): affine weight and bias of every LayerNorm (CNN: every norm); mergeable")
+          description="LN-tuning (peft): affine weight and bias of every LayerNorm (other backbones: every norm); "
+                      "mergeable")
 class LNTuning(PeftMethod):
     Config = MethodConfig  # no options: every norm layer is tuned
 

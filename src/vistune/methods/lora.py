@@ -1,7 +1,8 @@
 """LoRA (Hu et al., ICLR 2022) through HF peft: W x + (alpha/r)·B A x on the targeted weights.
 
 peft's own ``LoraConfig`` and layers do the work (Linear and Conv2d); vistune picks the targets
-(default: W_q and W_v, the paper's choice, on the fused timm qkv — see peft_common), trains with its
+(default: W_q and W_v, the paper's choice, on the fused timm qkv — see peft_common; the MLP where an
+attention reads its qkv weight directly; every dense conv and Linear on the generic view), trains with its
 own trainer and head, and saves its own artifact. B starts at zero, so step 0 is the frozen model.
 ``alpha`` defaults to r (scaling 1), so the learning rate does not move with the rank.
 """
@@ -37,7 +38,7 @@ class LoRAConfig(PeftMethodConfig):
 
 
 @register("lora", category="parameter",
-          description="LoRA (peft): low-rank updates of W_q, W_v (ViT/Swin) or dense convs (CNN); mergeable")
+          description="LoRA (peft): low-rank updates of W_q, W_v (transformers) or dense convs + Linears; mergeable")
 class LoRA(PeftMethod):
     Config = LoRAConfig
     use_dora = False

@@ -11,11 +11,16 @@ rows of the frozen fused weight (no copy, nothing extra in the state_dict); peft
 folds the three back into one plain Linear (see :mod:`vistune.merge`).
 
 Targets are readable presets joined by ``+`` (e.g. ``qv+mlp``):
-  ViT/Swin  q, k, v, qv, kv, qkv, proj, attn (= qkv+proj), fc1, fc2, mlp (= fc1+fc2),
-            all-linear (every Linear: attn + mlp, and Swin's patch-merging reductions)
-  CNN       conv (every dense Conv2d, i.e. groups = 1), pointwise (1x1 dense Conv2d),
-            linear (every Linear, e.g. ConvNeXt's MLPs), dense (= conv+linear)
-Depthwise convs are never targeted: peft's LoRA cannot merge grouped convs.
+  transformer views (ViT, EVA, BEiT, Swin V1/V2)
+            q, k, v, qv, kv, qkv, proj, attn (= qkv+proj), fc1 (every Linear of the MLP but fc2: SwiGLU's
+            two), fc2, mlp (= fc1+fc2), all-linear (every Linear: attn + mlp, Swin's patch-merging reductions)
+  every other timm model (the generic view)
+            conv (every dense Conv2d, i.e. groups = 1), pointwise (1x1 dense Conv2d),
+            linear (every Linear, e.g. ConvNeXt's MLPs, MetaFormer/MaxViT attention), dense (= conv+linear)
+Depthwise convs are never targeted: peft's LoRA cannot merge grouped convs. Only modules the forward calls
+as modules are targeted: some attentions (EVA-02, BEiT, Swin V2 with their separate q/v biases) read the
+qkv weight directly (``F.linear``), where a peft layer would never run; there ``auto`` falls back to the
+method's ``fallback_targets`` and explicit q/k/v targets are refused.
 """
 from __future__ import annotations
 
@@ -109,53 +114,76 @@ class SplitQKV(nn.Module, Foldable):
         return plain.requires_grad_(False)
 
 
-def parse_targets(spec: str, family: str) -> set[str]:
-    """'qv+mlp' → the roles it names, checked against the family's presets."""
-    presets = CNN_PRESETS if family == "cnn" else TRANSFORMER_PRESETS
+def parse_targets(spec: str, family: str, transformer: bool) -> set[str]:
+    """'qv+mlp' → the roles it names, checked against the presets of the view (transformer or generic)."""
+    presets = TRANSFORMER_PRESETS if transformer else CNN_PRESETS
     roles: set[str] = set()
     for atom in spec.split("+"):
         atom = atom.strip()
         if atom not in presets:
-            other = TRANSFORMER_PRESETS if family == "cnn" else CNN_PRESETS
-            why = f" ({atom!r} is a preset of the other families)" if atom in other else ""
+            other = CNN_PRESETS if transformer else TRANSFORMER_PRESETS
+            why = (f" ({atom!r} is a preset of the {'generic view' if transformer else 'transformer views'}, "
+                   "the other families)") if atom in other else ""
             raise VistuneError(f"targets={spec!r}: {atom!r} is not a target preset for the {family} family{why}",
                                f"use one of {', '.join(presets)}, joined by '+' (e.g. "
-                               f"{'conv+linear' if family == 'cnn' else 'qv+mlp'})")
+                               f"{'qv+mlp' if transformer else 'conv+linear'})")
         roles |= presets[atom]
     return roles
+
+
+def _attention_projections(attn: nn.Module) -> dict[str, nn.Module] | None:
+    """q/k/v Linears an attention has of its own (EVA's unfused q_proj/k_proj/v_proj), else None."""
+    parts = {r: getattr(attn, f"{r}_proj", None) for r in QKV}
+    return parts if all(isinstance(m, nn.Linear) for m in parts.values()) else None
+
+
+def qkv_runs_as_module(backbone) -> bool:
+    """Do the blocks' attentions call their q/k/v projections as modules (so a peft layer on them runs)?"""
+    projections = []
+    for block in backbone.blocks():
+        own = _attention_projections(block.attn)
+        projections += list(own.values()) if own else [getattr(block.attn, "qkv", None)]
+    return all(isinstance(m, nn.Linear) for m in projections) and all(backbone.called(projections))
 
 
 def resolve_targets(backbone, spec: str) -> dict[str, str]:
     """Module names to adapt in ``backbone.model`` → their role; splits fused qkv Linears when needed.
 
     Called on the method's copy of the backbone (it may wrap modules in place)."""
-    roles = parse_targets(spec, backbone.family)
+    roles = parse_targets(spec, backbone.family, backbone.transformer)
     model = backbone.model
     found: dict[str, str] = {}
-    if backbone.family == "cnn":
+    if not backbone.transformer:
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and m.groups == 1:
                 if "conv" in roles or ("pointwise" in roles and m.kernel_size == (1, 1)):
                     found[name] = "pointwise" if m.kernel_size == (1, 1) else "conv"
             elif isinstance(m, nn.Linear) and "linear" in roles:
                 found[name] = "linear"
+        modules = [model.get_submodule(n) for n in found]
+        found = {n: role for (n, role), called in zip(found.items(), backbone.called(modules)) if called}
     else:
+        wanted = [r for r in QKV if r in roles]
+        if wanted and not qkv_runs_as_module(backbone):
+            raise VistuneError(
+                f"targets={spec!r}: the attention of {backbone.spec.name!r} ({type(backbone.blocks()[0].attn).__name__}) "
+                "computes q/k/v from its qkv weight directly (F.linear with separate q/v biases), so a peft layer on "
+                "W_q/W_k/W_v would never run", "target proj and the MLP instead, e.g. --set targets=proj+mlp")
         covered: set[int] = set()
         for block in backbone.blocks():
             attn, mlp = block.attn, block.mlp
-            qkv = getattr(attn, "qkv", None)
-            if not isinstance(qkv, nn.Linear) or getattr(attn, "q_bias", None) is not None:
-                raise VistuneError(f"backbone {backbone.spec.name!r}: attention has no fused qkv Linear that "
-                                   "runs as a module", "target it with a CNN/ViT/Swin model from timm's stock zoo")
-            covered |= {id(qkv), id(attn.proj), id(mlp.fc1), id(mlp.fc2)}
-            qkv_name = backbone.module_names([qkv])[0]
-            wanted = [r for r in QKV if r in roles]
-            if wanted:
-                replace_module(model, qkv_name, SplitQKV(qkv))
+            fc1 = [m for n, m in mlp.named_children() if isinstance(m, nn.Linear) and n != "fc2"]
+            own = _attention_projections(attn)
+            covered |= {id(m) for m in (*(own or {"qkv": attn.qkv}).values(), attn.proj, *fc1, mlp.fc2)}
+            if wanted and own:
+                found.update({backbone.module_names([own[r]])[0]: r for r in wanted})
+            elif wanted:
+                qkv_name = backbone.module_names([attn.qkv])[0]
+                replace_module(model, qkv_name, SplitQKV(attn.qkv))
                 found.update({f"{qkv_name}.{r}": r for r in wanted})
-            for role, module in (("proj", attn.proj), ("fc1", mlp.fc1), ("fc2", mlp.fc2)):
+            for role, modules in (("proj", [attn.proj]), ("fc1", fc1), ("fc2", [mlp.fc2])):
                 if role in roles:
-                    found[backbone.module_names([module])[0]] = role
+                    found.update({name: role for name in backbone.module_names(modules)})
         if "other-linear" in roles:
             for name, m in model.named_modules():
                 if isinstance(m, nn.Linear) and not isinstance(m, FusedSlice) and id(m) not in covered:
@@ -166,6 +194,20 @@ def resolve_targets(backbone, spec: str) -> dict[str, str]:
     return found
 
 
+def expose_base_attributes(model: nn.Module) -> None:
+    """Give each peft layer the plain settings of the layer it wraps (kernel_size, stride, in_features, ...):
+    some timm modules read them around the call (DaViT's ``conv.kernel_size``), and peft's layers lack them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            base = layer.get_base_layer()
+            for key, value in vars(base).items():
+                if (not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple))
+                        and not hasattr(layer, key)):
+                    setattr(layer, key, value)
+
+
 def exact_names(names) -> str:
     """A peft ``target_modules`` pattern matching exactly these module names (peft reads a list as
     name *suffixes*: "norm" would also match "patch_embed.norm"; a string is a full-match regex)."""
@@ -174,8 +216,9 @@ def exact_names(names) -> str:
 
 @dataclass
 class PeftMethodConfig(MethodConfig):
-    targets: str = option("auto", "modules to adapt: presets joined by '+' (ViT/Swin: q k v qv kv qkv proj attn "
-                                  "fc1 fc2 mlp all-linear; CNN: conv pointwise linear dense); auto = the method's")
+    targets: str = option("auto", "modules to adapt: presets joined by '+' (transformers: q k v qv kv qkv proj attn "
+                                  "fc1 fc2 mlp all-linear; any other timm model: conv pointwise linear dense); "
+                                  "auto = the method's")
 
 
 class PeftMethod(ModuleTuner, abc.ABC):
@@ -183,7 +226,8 @@ class PeftMethod(ModuleTuner, abc.ABC):
 
     Config = PeftMethodConfig
     mergeable = True  # peft merges its layers; the split qkv folds back (Foldable)
-    default_targets = {"vit": "qv", "swin": "qv", "cnn": "dense"}
+    default_targets = {"transformer": "qv", "generic": "dense"}
+    fallback_targets = "mlp"  # transformer views whose attention reads the qkv weight directly (no q/k/v layer)
 
     def attach(self):
         self.targets = self.select_targets(self.backbone, self.config)
@@ -191,10 +235,15 @@ class PeftMethod(ModuleTuner, abc.ABC):
             # peft cannot read in/out features off a norm layer (LN-tuning) and warns; nothing is wrong
             warnings.filterwarnings("ignore", message="Unsupported layer type")
             require_peft().inject_adapter_in_model(self.peft_config(self.targets), self.backbone.model, ADAPTER_NAME)
+        expose_base_attributes(self.backbone.model)
 
     def select_targets(self, backbone, config) -> dict[str, str]:
         """Module name → role of every module peft adapts."""
-        spec = self.default_targets[backbone.family] if config.targets == "auto" else config.targets
+        spec = config.targets
+        if spec == "auto":
+            spec = self.default_targets["transformer" if backbone.transformer else "generic"]
+            if backbone.transformer and not qkv_runs_as_module(backbone):
+                spec = self.fallback_targets
         return resolve_targets(backbone, spec)
 
     @abc.abstractmethod

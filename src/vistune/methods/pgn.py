@@ -185,7 +185,7 @@ def patch_projection(backbone) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
-@register("pgn", category="prompt", families=("vit",),
+@register("pgn", category="prompt", needs=("tokens",),
           description="PGN: a small CNN generates input-dependent prompts from a token library; "
                       "deployable as extra input pixel patches to the unmodified frozen ViT")
 class PGN(TokenTuner):

@@ -6,11 +6,13 @@ prompt back: y ← y + P(y), with P = 1×1 conv (C → C/r) → depthwise k×k c
 the prompt at a position depends on its neighbourhood) → GELU → 1×1 conv (C/r → C). The last conv
 is zero-initialised, so at step 0 the adapted model computes exactly the frozen one.
 
-Insertion points: CNNs (EfficientNet, MobileNet, ResNet, ConvNeXt) — the output of every stage;
-ViT — the input of blocks 1, k+1, 2k+1, … (so the first prompt acts on the patch embeddings, and no
-prompt sits after the last block, where a CLS-pooled model would never read it), on the patch
-tokens laid out as their 2-D grid (prefix tokens are left alone); Swin — the same blocks, on their
-NHWC feature maps. ``stages`` picks a subset of these points. Tuned params per point: C·h + h + h·k² + h + h·C + C with h = max(1, C // r).
+Insertion points: any timm model without a family view (CNNs, hybrids, MetaFormers, MaxViT, ...)
+— the output of every stage (the generic view's stages, from timm's ``feature_info``), on its NCHW or
+NHWC feature map; stages that output token sequences of unknown spatial order (Hiera, LeViT, CaiT)
+are refused. ViT, EVA, BEiT — the input of blocks 1, k+1, 2k+1, … (so the first prompt acts on the
+patch embeddings, and no prompt sits after the last block, where a CLS-pooled model would never read
+it), on the patch tokens laid out as their 2-D grid (prefix tokens are left alone); Swin V1/V2 — the
+same blocks, on their NHWC feature maps. ``stages`` picks a subset of these points. Tuned params per point: C·h + h + h·k² + h + h·C + C with h = max(1, C // r).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .base import MethodConfig, ModuleTuner, check_at_most, option, register
 class ProTuningConfig(MethodConfig):
     reduction: int = option(4, "prompt block width: hidden channels = C // reduction")
     kernel_size: int = option(3, "depthwise conv kernel of the prompt block (odd; 1 = no spatial context)")
-    every: int = option(3, "ViT/Swin: a prompt block before blocks 1, k+1, 2k+1, … (CNNs: after every stage)")
+    every: int = option(3, "transformers: a prompt block before blocks 1, k+1, 2k+1, … (others: after every stage)")
     stages: str = option("all", "which insertion points get a block: 'all' or a comma list of indices, e.g. 2,3")
 
     def validate(self):
@@ -63,17 +65,17 @@ class PromptBlock(nn.Module):
 
 
 class Prompted(nn.Module):
-    """A frozen module with a prompt added to its output (CNN stages) or to its input (ViT/Swin blocks),
-    in that tensor's own layout."""
+    """A frozen module with a prompt added to its output (``after``: stages) or to its input (transformer
+    blocks), in that tensor's own layout."""
 
     def __init__(self, inner: nn.Module, prompt: PromptBlock, layout: Literal["nchw", "nhwc", "tokens"],
-                 num_prefix_tokens: int = 0, grid: tuple[int, int] | None = None):
+                 num_prefix_tokens: int = 0, grid: tuple[int, int] | None = None, after: bool = False):
         super().__init__()
-        self.inner, self.prompt, self.layout = inner, prompt, layout
+        self.inner, self.prompt, self.layout, self.after = inner, prompt, layout, after
         self.num_prefix_tokens, self.grid = num_prefix_tokens, grid
 
     def forward(self, x, *args, **kwargs):
-        if self.layout == "nchw":
+        if self.after:
             return self.add_prompt(self.inner(x, *args, **kwargs))
         return self.inner(self.add_prompt(x), *args, **kwargs)
 
@@ -94,33 +96,40 @@ class Prompted(nn.Module):
 
 @register("pro-tuning", category="prompt",
           description="Pro-tuning (our reading): input-dependent prompt blocks (1x1-dw kxk-1x1 conv, zero-init) "
-                      "added at every CNN stage / before every k-th ViT or Swin block")
+                      "added at every stage output / before every k-th transformer block")
 class ProTuning(ModuleTuner):
     Config = ProTuningConfig
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def attach(self):
         backbone, config = self.backbone, self.config
-        if backbone.family == "cnn":
+        if not backbone.transformer:
             points = backbone.stages()
-            dims = backbone.out_channels(points)
-            layout = "nchw"
+            layouts = backbone.layouts(points)
+            for name, found in zip(backbone.module_names(points), layouts):
+                if found is None or found.kind == "tokens":
+                    raise VistuneError(
+                        f"pro-tuning: stage {name} of {backbone.spec.name!r} outputs "
+                        f"{'no single tensor' if found is None else 'a token sequence'}, not a 2-D feature map, so "
+                        "a spatial prompt block has no grid to read",
+                        "use another method on this backbone (adapter, lora, ssf, bias, ...)")
+            dims, kinds = [found.channels for found in layouts], [found.kind for found in layouts]
         else:
             blocks = backbone.blocks()
             points = blocks[::config.every]
-            if backbone.family == "swin":
-                dims, layout = [blk.norm1.normalized_shape[0] for blk in points], "nhwc"
+            if "tokens" not in backbone.seams:  # Swin: NHWC maps in and out of each block
+                dims, kinds = [blk.norm1.normalized_shape[0] for blk in points], ["nhwc"] * len(points)
             else:
-                dims, layout = [backbone.embed_dim] * len(points), "tokens"
+                dims, kinds = [backbone.embed_dim] * len(points), ["tokens"] * len(points)
         chosen = self._chosen(len(points))
         names = backbone.module_names(points)
         model = backbone.model
         for i in chosen:
             block = PromptBlock(dims[i], config.reduction, config.kernel_size)
-            extra = {}
-            if layout == "tokens":
-                extra = dict(num_prefix_tokens=backbone.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
-            replace_module(model, names[i], Prompted(model.get_submodule(names[i]), block, layout, **extra))
+            extra = {"after": not backbone.transformer}
+            if kinds[i] == "tokens":
+                extra.update(num_prefix_tokens=backbone.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
+            replace_module(model, names[i], Prompted(model.get_submodule(names[i]), block, kinds[i], **extra))
         self.prompt_points = chosen
 
     def _chosen(self, n: int) -> list[int]:

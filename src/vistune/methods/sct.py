@@ -33,11 +33,13 @@ one) the wrapped block is bit-identical to the stock block. Other block types ar
 Swin: K is taken per stage (stage width × ratio); the official Swin code has ``sct_attn`` only, the other two
 placements sit at the same points of the Swin block.
 
-CNNs (this library's reading of SCT for convolutional backbones): the same idea on the feature-map
-channels at the OUTPUT of each stage (``CNNView.stages()``; every stage is wrapped). Calibration:
-per class, the L2 norm of each channel over samples × spatial positions; module:
-``x[:, idx] += Conv1x1(K→K)(x[:, idx])``, implemented as a Linear on the channel dimension
-(identical parameters: K² + K). ``placement`` does not apply to CNNs.
+Every other backbone — CNNs and any timm model without stock ViT/Swin blocks (this library's reading
+of SCT for them; EVA, BEiT and Swin V2 blocks too): the same idea on the channels at the OUTPUT of each
+stage (the view's ``stages()``, from timm's ``feature_info``; every stage is wrapped; on plain-sequence
+models such as EVA every block is a stage). Calibration: per class, the L2 norm of each channel over
+samples × spatial positions (or tokens); module on NCHW maps: ``x[:, idx] += Conv1x1(K→K)(x[:, idx])``,
+implemented as a Linear on the channel dimension (identical parameters: K² + K); on channels-last maps
+and token sequences the same Linear on the last dimension. ``placement`` does not apply there.
 
 Before :meth:`SCT.prepare` (or :func:`calibrate` + :meth:`SCT.set_channels`) runs, each layer's
 indices are the first K channels and their scores are zero, so the model works (and is trained
@@ -59,7 +61,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones import BackboneView
-from ..backbones.base import replace_module
+from ..backbones.base import Layout, replace_module
 from ..errors import VistuneError
 from .base import Borrowed, MethodConfig, ModuleTuner, option, register
 
@@ -210,7 +212,7 @@ class SCTBlock(nn.Module):
 
 
 class SCTStage(nn.Module):
-    """A CNN stage followed by an SCT module on its output channels (NCHW)."""
+    """A stage followed by an SCT module on its output channels (NCHW maps: dim 1; else the last dim)."""
 
     def __init__(self, stage: nn.Module, sct: SalientChannels | None):
         super().__init__()
@@ -222,8 +224,8 @@ class SCTStage(nn.Module):
     def sct(self) -> SalientChannels | None:
         return self._sct.value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inner(x)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = self.inner(x, *args, **kwargs)  # e.g. EVA's rope=, BEiT's shared_rel_pos_bias=
         return self.sct(x) if self.enabled and self.sct is not None else x
 
 
@@ -235,9 +237,25 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m
 
 
+def _between_residuals(view: BackboneView) -> bool:
+    """True when every block is timm's stock ViT/Swin block, so SCT sits between its residuals; else SCT sits at
+    the stage outputs."""
+    return view.transformer and all(_block_kind(_unwrap(b)) is not None for b in view.blocks())
+
+
 def _layers(view: BackboneView) -> list[nn.Module]:
-    """The layers SCT tunes: transformer blocks (flattened over Swin stages) or CNN stages."""
-    return view.stages() if view.family == "cnn" else view.blocks()
+    """The layers SCT tunes: transformer blocks (flattened over Swin stages) or stages."""
+    return view.blocks() if _between_residuals(view) else view.stages()
+
+
+def _stage_layouts(view: BackboneView, layers: list[nn.Module]) -> list[Layout]:
+    """Each stage's output layout: its channels and the dimension that holds them."""
+    layouts = view.layouts([_unwrap(m) for m in layers])
+    for name, layout in zip(view.module_names(layers), layouts):
+        if layout is None:
+            raise VistuneError(f"sct: stage {name} of {view.spec.name!r} does not output one feature map or token "
+                               "tensor, so it has no channels to select", "use another method on this backbone")
+    return layouts
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -304,15 +322,17 @@ def calibrate(model_or_backbone: BackboneView | "SCT", dataset, *, placement: st
     acc_dtype = torch.float64 if dev.type in ("cpu", "cuda") else torch.float32
     layers = _layers(view)
     names = view.module_names(layers)
-    prefix = view.num_prefix_tokens if view.family == "vit" else 0
+    blocks = _between_residuals(view)
+    channels_first = [False] * len(layers) if blocks else [lay.kind == "nchw" for lay in _stage_layouts(view, layers)]
+    prefix = getattr(view, "num_prefix_tokens", 0) if "tokens" in view.seams else 0
     sums: list[torch.Tensor | None] = [None] * len(layers)  # (classes, D) sums of squares
     state: dict = {"labels": None, "classes": 0}
 
     def accumulate(i: int, stream: torch.Tensor) -> None:
-        if view.family == "cnn":  # (B, C, H, W): channels first
+        if channels_first[i]:  # (B, C, H, W)
             sq = stream.float().pow(2).flatten(2).sum(2)
         else:  # (B, tokens…, D): ViT (B, N, D) with prefix tokens dropped, Swin (B, HW, D) or (B, H, W, D)
-            if prefix:
+            if prefix and stream.ndim == 3:
                 stream = stream[:, prefix:]
             sq = stream.float().pow(2).reshape(stream.shape[0], -1, stream.shape[-1]).sum(1)
         if sums[i] is None or sums[i].shape[0] < state["classes"]:
@@ -327,7 +347,7 @@ def calibrate(model_or_backbone: BackboneView | "SCT", dataset, *, placement: st
     hooks = []
     for i, layer in enumerate(layers):
         stock = _unwrap(layer)
-        if view.family == "cnn":
+        if not blocks:
             hooks.append(stock.register_forward_hook(lambda m, a, out, i=i: accumulate(i, out)))
         elif CALIBRATION_POINT[placement] == "norm2 input":
             hooks.append(stock.norm2.register_forward_pre_hook(lambda m, a, i=i: accumulate(i, a[0])))
@@ -375,7 +395,7 @@ def calibrate(model_or_backbone: BackboneView | "SCT", dataset, *, placement: st
         k = num_salient(dim, top_k, ratio, where=f"layer {name}")
         idx = torch.topk(score, k).indices.sort().values
         result.append(LayerChannels(name, dim, idx, score[idx], score))
-    return Calibration(result, placement if view.family != "cnn" else "stage", num_images, dict(sorted(counts.items())))
+    return Calibration(result, placement if blocks else "stage", num_images, dict(sorted(counts.items())))
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -392,17 +412,18 @@ class SCT(ModuleTuner):
         layers = _layers(backbone)
         self.layer_names = backbone.module_names(layers)
         modules = []
-        if backbone.family == "cnn":
-            dims = backbone.out_channels(layers)
+        if not _between_residuals(backbone):
             wrappers = []
-            for name, stage, dim in zip(self.layer_names, layers, dims):
-                sct = SalientChannels(dim, num_salient(dim, config.top_k, config.ratio, f"stage {name}"), channel_dim=1)
+            for name, stage, layout in zip(self.layer_names, layers, _stage_layouts(backbone, layers)):
+                dim = layout.channels
+                sct = SalientChannels(dim, num_salient(dim, config.top_k, config.ratio, f"stage {name}"),
+                                      channel_dim=layout.channel_dim)
                 modules.append(sct)
                 wrappers.append((name, SCTStage(stage, sct)))
         else:
             wrappers = []
             for name, block in zip(self.layer_names, layers):
-                dim = backbone.embed_dim if backbone.family == "vit" else block.mlp.fc1.in_features
+                dim = backbone.embed_dim if "tokens" in backbone.seams else block.mlp.fc1.in_features
                 sct = SalientChannels(dim, num_salient(dim, config.top_k, config.ratio, f"block {name}"))
                 wrappers.append((name, SCTBlock(block, sct, config.placement, name)))  # checks the type
                 modules.append(sct)

@@ -8,7 +8,8 @@ run the stock module with those (``torch.func.functional_call``): this works ins
 (e.g. BatchNormAct2d, whose activation follows the norm) and *is* the re-parameterised form that
 merging writes into the weights. Ops without a bias (Swin's patch-merging reduction, EfficientNet's
 convs, which are followed by a BatchNorm that SSF covers) are left out: folding a shift into them
-would add a bias the stock model does not have.
+would add a bias the stock model does not have. Weight-standardised convs (BiT, NFNet, hybrid ViT stems)
+are left out too: they normalise their weight per output channel, which would cancel a folded scale.
 
 Init: γ = 1, β = 0 (default), so step 0 is exactly the frozen model; ``init=paper`` draws
 γ ~ N(1, 0.02), β ~ N(0, 0.02) as the official code.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import nn
 from torch.func import functional_call
 
@@ -26,7 +28,9 @@ from ..backbones.base import replace_module
 from ..errors import VistuneError
 from .base import Foldable, MethodConfig, ModuleTuner, option, register
 
-AFFINE_OPS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+AFFINE_OPS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# convs that standardise their weight per output channel before use: a scale folded into it would cancel
+WEIGHT_STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
 
 @dataclass
@@ -58,6 +62,13 @@ class ScaleShift(nn.Module, Foldable):
     def forward(self, *args, **kwargs):
         return functional_call(self.inner, self.folded(), args, kwargs)
 
+    def __getattr__(self, name: str):
+        # some timm modules read their op's attributes (kernel_size, weight.device) around its call
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
     def merged(self) -> nn.Module:
         """The op itself with the folded weight and bias (same module type, same cost)."""
         with torch.no_grad():
@@ -73,7 +84,7 @@ def ssf_ops(model: nn.Module) -> list[str]:
         if any(name.startswith(p + ".") for p in inside):
             continue  # a targeted op's own children (e.g. BatchNormAct2d's activation)
         has_affine = getattr(m, "weight", None) is not None and getattr(m, "bias", None) is not None
-        if isinstance(m, AFFINE_OPS) and has_affine:
+        if isinstance(m, AFFINE_OPS) and not isinstance(m, WEIGHT_STANDARDISED) and has_affine:
             names.append(name)
             inside.append(name)
     return names
@@ -88,6 +99,8 @@ class SSF(ModuleTuner):
     def attach(self):
         backbone, model = self.backbone, self.backbone.model
         names = ssf_ops(model)
+        # only ops the forward calls as modules (an attention may read a weight directly, around the wrapper)
+        names = [n for n, called in zip(names, backbone.called([model.get_submodule(n) for n in names])) if called]
         if not names:
             raise VistuneError(f"backbone {backbone.spec.name!r} has no op with a bias or norm layer for SSF",
                                "use another method (e.g. lora)")

@@ -1,20 +1,22 @@
 """Visual Prompt Tuning (Jia et al., ECCV 2022): VPT-shallow and VPT-deep.
 
-ViT family (a token tuner): learnable prompt tokens are inserted after the positional embedding, after ALL
+Token families — ViT, EVA, BEiT (a token tuner): learnable prompt tokens are inserted after the positional embedding, after ALL
 prefix tokens (CLS, registers, DeiT's distillation token): [prefix, P, patches], through the view's one seam
 (``ViTView.forward_tokens``; before ``norm_pre``, which only CLIP-style towers have). Shallow: before block 1
 only, the prompts then travel through every block. Deep: every block gets its own prompts; before block i ≥ 2
 the previous block's prompt outputs are discarded and replaced. The stock timm blocks run on the modified
 sequence, so attention stays timm's own (fused SDPA). Prompt outputs are dropped before the final norm and
 pooling, so avg-pool models never pool over prompts. Prompt dropout draws its mask per sample (as the official
-code, which drops after expanding the prompts to the batch).
+code, which drops after expanding the prompts to the batch). On EVA the prompts get no rotary position (identity
+rotation), on BEiT no relative-position bias (zero bias rows/columns): see the views in ``backbones/``.
 
-Swin (a module tuner; our design — the official Swin code is buggy, vpt#6): window attention has no slot for extra
+Swin V1 and V2 (a module tuner; our design — the official Swin code is buggy, vpt#6): window attention has no slot for extra
 tokens — the token grid is partitioned into windows and merged between stages — so each prompt
-set is an extra set of keys/values that every window of a block attends to. The prompts go
-through the block's own norm1 and qkv projection, the block's relative-position bias is kept for
-patch→patch pairs and is zero for patch→prompt pairs, and the prompts' own outputs are never
-computed (VPT-deep discards them anyway). Deep: every block of every stage has its own prompts
+set is an extra set of keys/values that every window of a block attends to (the view's
+``prompted_attention``, backbones/swin.py). V1: the prompts go through the block's own norm1 and
+qkv projection; V2 (post-norm blocks, cosine attention): straight through qkv. The block's
+relative-position bias is kept for patch→patch pairs and is zero for patch→prompt pairs, and the
+prompts' own outputs are never computed (VPT-deep discards them anyway). Deep: every block of every stage has its own prompts
 (stage width); shallow: only the first block of the first stage.
 """
 from __future__ import annotations
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VistuneError
-from .base import Borrowed, MethodConfig, ModuleTuner, TokenTuner, check_at_most, option, register
+from ..backbones.swin import PromptedWindowAttention, PromptedWindowAttentionV2  # noqa: F401 (the Swin seam's wrappers)
+from .base import MethodConfig, ModuleTuner, TokenTuner, check_at_most, option, register
 
 
 @dataclass
@@ -66,44 +68,11 @@ def _init_prompts(p: torch.Tensor, config: VPTConfig, patch_area: int) -> None:
         nn.init.uniform_(p, -bound, bound)
 
 
-class PromptedWindowAttention(nn.Module):
-    """A stock timm WindowAttention whose windows also attend to a set of prompt keys/values."""
-
-    def __init__(self, inner: nn.Module, norm: nn.Module, prompts: nn.Parameter, dropout: float,
-                 project: nn.Module | None):
-        super().__init__()
-        self.inner, self.norm = inner, norm
-        self.dropout = nn.Dropout(dropout)
-        self.prompts, self.project = Borrowed(prompts), Borrowed(project)  # owned and saved by the method
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.inner
-        b_, n, c = x.shape
-        heads = a.num_heads
-        q, k, v = a.qkv(x).reshape(b_, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        prompts = self.prompts.value if self.project.value is None else self.project.value(self.prompts.value)
-        p = prompts.shape[0]
-        if self.dropout.training and self.dropout.p > 0:  # a mask per window, as VPT draws one per sample
-            prompts = self.dropout(prompts.unsqueeze(0).expand(b_, -1, -1))
-        prompts = self.norm(prompts)  # as a token in the residual stream: norm1 → qkv
-        _, pk, pv = a.qkv(prompts).reshape(-1, p, 3, heads, a.qkv.out_features // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-        k = torch.cat([pk.expand(b_, -1, -1, -1), k], dim=2)
-        v = torch.cat([pv.expand(b_, -1, -1, -1), v], dim=2)
-        bias = a._get_rel_pos_bias()  # (1, heads, n, n): patch→patch only
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = (bias.unsqueeze(1) + mask.view(1, nw, 1, n, n)).expand(b_ // nw, -1, -1, -1, -1)
-            bias = bias.reshape(b_, heads, n, n)
-        bias = F.pad(bias, (p, 0))  # patch→prompt pairs: no positional bias, never masked
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             dropout_p=a.attn_drop.p if a.training else 0.0)
-        return a.proj_drop(a.proj(out.transpose(1, 2).reshape(b_, n, -1)))
-
-
-@register("vpt-shallow", category="prompt", families=("vit", "swin"),
+@register("vpt-shallow", category="prompt", needs=("tokens", "window-prompts"),
           description="VPT-shallow: p prompt tokens before block 1 (ViT); prompt keys/values in block 1 (Swin)")
 class VPTShallow(TokenTuner, ModuleTuner):
-    """A token tuner on the ViT family; on Swin a module tuner (prompted window attention)."""
+    """A token tuner on the token families (ViT, EVA, BEiT); on Swin V1/V2 a module tuner (prompted window
+    attention)."""
 
     Config = VPTConfig
     deep = False
@@ -112,13 +81,13 @@ class VPTShallow(TokenTuner, ModuleTuner):
         backbone, config = self.backbone, self.config
         self.drop_rate = config.dropout if config.dropout is not None else (0.1 if self.deep else 0.0)
         p = config.num_tokens
-        if backbone.family == "vit":
+        self.tokens = "tokens" in backbone.seams  # else: prompt keys/values in window attention
+        if self.tokens:
             dims = [backbone.embed_dim] * (len(backbone.blocks()) if self.deep else 1)
-            patch_area = math.prod(backbone.patch_size)
         else:
             blocks = backbone.blocks() if self.deep else backbone.blocks()[:1]
             dims = [blk.attn.qkv.in_features for blk in blocks]
-            patch_area = math.prod(backbone.model.patch_embed.patch_size)
+        patch_area = math.prod(backbone.patch_size)
         # prompt projection: one Linear per distinct width (ViT: one; Swin: one per stage width)
         self.project = None
         if config.project_dim is not None:
@@ -131,11 +100,10 @@ class VPTShallow(TokenTuner, ModuleTuner):
         for prompt in self.prompts:
             _init_prompts(prompt, config, patch_area)
         self.prompt_dropout = nn.Dropout(self.drop_rate)
-        if backbone.family == "swin":
-            blocks = backbone.blocks() if self.deep else backbone.blocks()[:1]
+        if not self.tokens:
             for blk, prompt, d in zip(blocks, self.prompts, dims):
                 proj = self.project[str(d)] if self.project is not None else None
-                blk.attn = PromptedWindowAttention(blk.attn, blk.norm1, prompt, self.drop_rate, proj)
+                blk.attn = backbone.prompted_attention(blk, prompt, self.drop_rate, proj)
 
     def build_head(self) -> nn.Module:
         head = self.make_linear_head()
@@ -156,14 +124,14 @@ class VPTShallow(TokenTuner, ModuleTuner):
         return self.prompt_dropout(p.unsqueeze(0).expand(batch, -1, -1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backbone.family == "swin":
+        if not self.tokens:
             return self.backbone.forward_features(x)
         batch = x.shape[0]
         deep = (lambda i: self.prompt_tokens(i, batch)) if self.deep else None
         return self.backbone.forward_tokens(x, self.prompt_tokens(0, batch), deep)
 
 
-@register("vpt-deep", category="prompt", families=("vit", "swin"),
+@register("vpt-deep", category="prompt", needs=("tokens", "window-prompts"),
           description="VPT-deep: own p prompt tokens at every block, previous prompt outputs discarded")
 class VPTDeep(VPTShallow):
     deep = True

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import FAMILIES
 from ..errors import VistuneError
 from ..backbones.input_size import MAX_IMAGE_SIZE
 from .base import InputTuner, MethodConfig, check_at_most, option, register
@@ -45,7 +44,7 @@ class VPTPadConfig(MethodConfig):
             )
 
 
-@register("vpt-pad", category="prompt", families=FAMILIES,
+@register("vpt-pad", category="prompt",
           description="VPT pad prompts: a learnable pixel border around the (shrunk) input image, any backbone")
 class VPTPad(InputTuner):
     Config = VPTPadConfig
