@@ -229,6 +229,22 @@ def test_eval_refuses_data_with_other_classes(trained, tmp_path):
     assert "differ from the artifact's" in msg and "fix:" in msg
 
 
+def test_eval_says_data_warnings_as_lines_and_keeps_json_parseable(trained, tmp_path):
+    import shutil
+    import warnings
+
+    out, _ = trained
+    partial = make_folder(tmp_path / "partial")
+    shutil.rmtree(partial / "test" / CLASSES[-1])  # the test split lacks a class: said, not fatal
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, stdout, err = cli("eval", "--adapter", out, "--data", partial, "--json", "--quiet")
+    assert rc == 0, err
+    assert json.loads(stdout)["n"] == 4 * (len(CLASSES) - 1)
+    assert f"test has no images of 1 of the {len(CLASSES)} classes" in err
+    assert not [w for w in caught if "DataWarning" in type(w.message).__name__]
+
+
 def test_eval_and_predict_refuse_a_backbone_whose_weights_changed(data, tmp_path):
     from safetensors.torch import save_file
 
@@ -632,3 +648,24 @@ def test_log_records_are_printed_once(monkeypatch):
     assert logging.getLogger().handlers == root_handlers
     assert err.getvalue().count("a vistune warning") == 1 and "vistune: a vistune warning" in err.getvalue()
     assert "vistune: a hub warning" not in err.getvalue()
+
+
+def test_pretrain_prints_a_line_per_epoch_off_a_terminal(tmp_path, monkeypatch):
+    """vistune pretrain (1 epoch of the own ViT recipe, shrunk to one narrow block and batch 8 to stay fast, on a
+    tiny folder): stderr is no terminal under pytest, so a line per epoch replaces the bars; the weights and
+    their card are written."""
+    import dataclasses
+
+    from vistune import pretrain as pretrain_mod
+
+    name = "vistune/vit-tiny-cifar10"
+    recipe = pretrain_mod.RECIPES[name]
+    small = {**recipe.model_kwargs, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    monkeypatch.setitem(pretrain_mod.RECIPES, name, dataclasses.replace(recipe, model_kwargs=small, batch_size=8))
+    folder = make_folder(tmp_path / "data", n_train=12, n_test=2)
+    rc, stdout, err = cli("pretrain", name, "--data", folder, "--out", tmp_path / "out", "--epochs", "1",
+                          "--device", "cpu")
+    assert rc == 0, err
+    assert "epoch 1/1: train loss" in stdout
+    assert (tmp_path / "out" / "vit-tiny-cifar10.safetensors").is_file()
+    assert (tmp_path / "out" / "vit-tiny-cifar10.json").is_file()

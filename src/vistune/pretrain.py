@@ -87,8 +87,9 @@ def _stack(dataset) -> TensorDataset:
 
 
 def pretrain(recipe_name: str, data: str, out_dir: str | Path, *, epochs: int | None = None,
-             device: str = "auto", progress: bool = True, seed: int = 0) -> dict:
-    """Train a recipe's backbone from scratch; writes ``<slug>.safetensors`` + ``<slug>.json``."""
+             device: str = "auto", progress: bool = True, seed: int = 0, on_epoch=None) -> dict:
+    """Train a recipe's backbone from scratch; writes ``<slug>.safetensors`` + ``<slug>.json``. ``on_epoch``:
+    the trainer's per-epoch callback (the CLI prints a line per epoch where no progress bar shows)."""
     from torchvision import transforms
 
     from .data import load_data
@@ -112,7 +113,8 @@ def pretrain(recipe_name: str, data: str, out_dir: str | Path, *, epochs: int | 
                       weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs,
                       label_smoothing=r.label_smoothing, seed=seed, device=str(dev), cache_inputs=False)
     t0 = time.perf_counter()
-    result = train(model, train_set, val_set, cfg, progress=progress, batch_transform=random_crop_flip)
+    result = train(model, train_set, val_set, cfg, progress=progress, batch_transform=random_crop_flip,
+                   on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     test = evaluate(model, test_set, batch_size=1024, device=dev)
     slug = r.name.split("/", 1)[1]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 
 from ..errors import VistuneError
 from .common import console, subparser
@@ -45,7 +47,13 @@ def cmd_eval(args) -> int:
     _, eval_tf = make_transforms(meta["preprocessing"])
     # redraw the splits exactly as training did (seed, subset sizes), so --split val is the run's val set
     splits = {k: v for k, v in meta.get("data", {}).items() if k != "spec"}
-    data = load(args.data, train_transform=eval_tf, eval_transform=eval_tf, **splits)
+    from ..data import DataWarning
+
+    with warnings.catch_warnings():  # said once below, as a line, not as a Python warning with its source line
+        warnings.simplefilter("ignore", DataWarning)
+        data = load(args.data, train_transform=eval_tf, eval_transform=eval_tf, **splits)
+    for line in getattr(data, "warnings", []):
+        logging.getLogger("vistune").warning(line)  # stderr: --json output on stdout stays parseable
     if data.class_names != meta["class_names"]:
         raise VistuneError(
             f"the classes of {args.data} ({data.class_names[:10]}…) differ from the artifact's "

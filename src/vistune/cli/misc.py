@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ..errors import VistuneError
-from .common import console, subparser
+from .common import console, epoch_lines, subparser
 
 
 def cmd_pretrain(args) -> int:
     from ..pretrain import pretrain
 
     card = pretrain(args.recipe, args.data, args.out, epochs=args.epochs, device=args.device,
-                    progress=not args.quiet, seed=args.seed)
+                    progress=not args.quiet, seed=args.seed, on_epoch=epoch_lines(not args.quiet))
     console.print(f"{card['name']}: CIFAR-10 test top-1 {card['test_top1']:.4f}, {card['params']:,} params, "
                   f"{card['wall_seconds']:.0f} s on {card['hardware']}; wrote {args.out}/{card['weights']} + card")
     return 0
