@@ -37,6 +37,7 @@ from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
 from . import distributed
 from .metrics import confusion_matrix, scores_from_confusion
+from .recompute import honours_grad_checkpoint
 
 STATE_FILE = "train_state.pt"
 
@@ -58,6 +59,7 @@ class TrainConfig:
     num_workers: int = 0
     cache_inputs: bool = True  # keep decoded, transformed images in memory (only without augmentation)
     cache_features: bool = True  # head-only methods without augmentation: run the frozen backbone once
+    grad_checkpoint: bool = False  # recompute block activations in the backward (less memory, more time; see .recompute)
 
     DEFAULT_LR = {"sgd": 1.0, "adamw": 1e-3}
 
@@ -243,6 +245,7 @@ def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> d
             "iou": scores["iou"], "loss": summed[-1] / max(1.0, pixels), "n": int(summed[-2])}
 
 
+@honours_grad_checkpoint
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           augment: bool = False, batch_transform=None,
@@ -389,6 +392,6 @@ def _tuned_buffers(model: Method) -> list[torch.Tensor]:
 def _comparable(cfg: TrainConfig) -> dict:
     """The settings that change the result (a resume must use the same ones)."""
     d = asdict(cfg)
-    for k in ("device", "num_workers", "cache_inputs"):
+    for k in ("device", "num_workers", "cache_inputs", "grad_checkpoint"):
         d.pop(k)
     return d
