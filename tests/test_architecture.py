@@ -15,12 +15,12 @@ from vistune.methods import METHODS, Method, ModuleTuner, TokenTuner
 SRC = Path(vistune.__file__).parent
 # lowest first: a module may import its own layer (without cycles) and the layers below it, never above
 LAYERS = [
-    {"_io", "errors", "options"},
+    {"_io", "errors", "options", "output"},
     {"backbones"},
     {"remapping"},
     {"data"},
     {"methods"},
-    {"artifacts", "merge"},
+    {"artifacts", "merge", "onnx_export"},
     {"training"},
     {"run", "pretrain"},
     {"demo", "distill", "multitask"},

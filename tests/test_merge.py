@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -15,7 +17,8 @@ from conftest import IMAGE_SIZE
 from vistune.artifacts import load_artifact, save_artifact
 from vistune.cli import main
 from vistune.errors import VistuneError
-from vistune.merge import merge
+from vistune.merge import inference_preprocessing, merge
+from vistune.run import Job, preprocessing_for, transforms_for
 from vistune.methods import adapt, make_config
 
 X = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
@@ -68,13 +71,29 @@ def test_methods_that_add_computation_cannot_merge(tiny_backbones, name, sets):
 def test_vistune_export_writes_a_plain_timm_state_dict_and_peft_folder(tiny_backbones, tmp_path, capsys):
     backbone = tiny_backbones("vit")
     model = _adapted(backbone, "lora", targets="qv")
-    save_artifact(model, tmp_path / "art", class_names=["a", "b", "c"], preprocessing={})
+    prep = preprocessing_for(backbone, Job(backbone="vit", method="lora", data="", image_size=IMAGE_SIZE,
+                                           normalization="paper"))
+    save_artifact(model, tmp_path / "art", class_names=["a", "b", "c"], preprocessing=prep)
     merged_file, peft_dir = tmp_path / "merged.safetensors", tmp_path / "peft"
     assert main(["export", "--adapter", str(tmp_path / "art"), "--merged", str(merged_file),
                  "--peft", str(peft_dir)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
     with safe_open(str(merged_file), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "timm-state-dict" and meta["num_classes"] == "3"
+    assert json.loads(meta["class_names"]) == ["a", "b", "c"]
+    # the input preprocessing travels with the weights, and is the very transform vistune evaluates with
+    pre = json.loads(meta["preprocessing"])
+    assert pre["image_size"] == IMAGE_SIZE and pre["resize"] == [IMAGE_SIZE, IMAGE_SIZE]
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    from torchvision import transforms as T
+
+    rebuilt = T.Compose([T.Resize(pre["resize"], interpolation=T.InterpolationMode(pre["interpolation"])),
+                         T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8))
+    assert torch.equal(rebuilt(image), transforms_for(prep)[1](image))
+    assert f"resize to {IMAGE_SIZE}×{IMAGE_SIZE} ({pre['interpolation']})" in printed
+    assert "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in printed
     timm_model = timm.create_model(meta["architecture"], num_classes=int(meta["num_classes"]),
                                    **json.loads(meta["model_kwargs"]))
     timm_model.load_state_dict(load_file(merged_file))  # strict: exactly timm's keys, head incl.
@@ -85,3 +104,15 @@ def test_vistune_export_writes_a_plain_timm_state_dict_and_peft_folder(tiny_back
 
     assert main(["export", "--adapter", str(tmp_path / "art")]) == 2
     assert "nothing to write" in capsys.readouterr().err
+
+
+def test_merged_preprocessing_of_an_augmented_run_is_its_eval_crop(tiny_backbones):
+    """FGVC-style artifacts evaluate with a resize of the shorter side and a center crop: so does the export."""
+    backbone = tiny_backbones("vit")
+    prep = preprocessing_for(backbone, Job(backbone="vit", method="lora", data="", image_size=IMAGE_SIZE,
+                                           augment=True))
+    pre = inference_preprocessing(prep)
+    crop_pct = prep["data_config"]["crop_pct"]
+    assert pre["resize"] == int(IMAGE_SIZE / crop_pct) and pre["center_crop"] == [IMAGE_SIZE, IMAGE_SIZE]
+    assert pre["mean"] == pytest.approx(list(prep["data_config"]["mean"]))
+    assert inference_preprocessing({}) is None  # an artifact that records none: nothing is made up

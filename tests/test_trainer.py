@@ -115,14 +115,24 @@ def test_resume_after_interrupt_equals_uninterrupted_run(method, overrides, fold
     assert without_timing(read_metrics(interrupted_out)["history"]) == without_timing(straight["history"])
 
 
+def interrupt_in_epoch_2(done: int, total: int, epochs: int) -> None:
+    """An on_step callback's body: stop at the first step of epoch 2 (epoch 1's checkpoint is written)."""
+    if done == total // epochs + 1:
+        raise KeyboardInterrupt
+
+
 def test_resume_refuses_other_settings_and_a_missing_checkpoint(folder, tiny_backbones, tmp_path):
     backbone = tiny_backbones("vit")
     out = tmp_path / "run"
-    run_job(job("vit", "linear", folder, out, epochs=1), backbone=backbone, progress=False)
-    with pytest.raises(VistuneError, match="different training settings") as e:
-        run_job(job("vit", "linear", folder, out, epochs=1, lr=0.1), backbone=backbone, resume=True,
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job("vit", "linear", folder, out, epochs=2), backbone=backbone, progress=False,
+                on_step=lambda done, total: interrupt_in_epoch_2(done, total, 2))
+    state = (out / STATE_FILE).read_bytes()
+    with pytest.raises(VistuneError, match="different job") as e:
+        run_job(job("vit", "linear", folder, out, epochs=2, lr=0.1), backbone=backbone, resume=True,
                 progress=False)
-    assert "same options" in e.value.fix
+    assert "--lr: 0.5 → 0.1" in e.value.what and "interrupted run's settings" in e.value.fix
+    assert (out / STATE_FILE).read_bytes() == state
     with pytest.raises(VistuneError, match="no checkpoint") as e:
         run_job(job("vit", "linear", folder, tmp_path / "empty", epochs=1), backbone=backbone, resume=True,
                 progress=False)

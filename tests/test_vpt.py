@@ -220,3 +220,26 @@ def test_prompt_dropout_draws_a_mask_per_sample(tiny_backbones, name):
         assert 0.3 < kept.float().mean() < 0.7
         assert len({tuple(m.flatten().tolist()) for m in kept}) == batch  # 8 different masks, one per sample
         assert torch.equal(clean, prompt.expand(batch, -1, -1))  # no dropout in eval
+
+
+def test_swin_prompt_dropout_draws_a_mask_per_window(tiny_backbones):
+    """Swin's prompts are keys/values of every window: in training each window gets its own dropout mask (one
+    mask shared by all windows and images would drop the same prompt entries everywhere); eval drops nothing."""
+    model = _vpt(tiny_backbones("swin"), "vpt-shallow", num_tokens=3, dropout=0.5)
+    attn = model.backbone.blocks()[0].attn
+    seen = []
+    p = model.prompts[0].shape[0]
+    handle = attn.norm.register_forward_pre_hook(  # norm1 also normalises the patch tokens (NHWC): skip those
+        lambda m, args: seen.append(args[0]) if args[0].ndim < 4 and args[0].shape[-2] == p else None)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model.train()(x)
+        model.eval()(x)
+    handle.remove()
+    trained, clean = seen[0], seen[-1]
+    prompt = model.prompts[0]
+    assert trained.ndim == 3 and trained.shape[1:] == prompt.shape  # (windows, p, C)
+    kept = trained != 0
+    assert torch.allclose(trained[kept], (prompt.expand_as(trained) / 0.5)[kept])
+    assert len({tuple(m.flatten().tolist()) for m in kept}) == trained.shape[0]
+    assert torch.equal(clean, prompt)

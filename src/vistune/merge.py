@@ -103,14 +103,60 @@ def _model_card(model: Method) -> dict[str, str]:
             "backbone": spec.name, "backbone_fingerprint": model.backbone.fingerprint()}
 
 
-def export_merged(model: Method, path: str | os.PathLike, class_names: list[str] | None = None) -> nn.Module:
+def inference_preprocessing(preprocessing: dict) -> dict | None:
+    """What an input image must go through for the model (the artifact's eval transform, read off the very
+    torchvision transform vistune evaluates with): ``resize`` ([H, W], or N: the shorter side to N), its
+    ``interpolation``, ``center_crop`` ([H, W] or None), then RGB scaled to [0, 1] and ``(x - mean) / std``.
+    None when the artifact records no preprocessing."""
+    from .data import build_transforms
+
+    if not preprocessing.get("data_config") or not preprocessing.get("image_size"):
+        return None
+    _, eval_tf = build_transforms(preprocessing["data_config"], image_size=preprocessing["image_size"],
+                                  normalization=preprocessing.get("normalization", "pretrained_cfg"),
+                                  augment=preprocessing.get("augment", False))
+    out = {"image_size": preprocessing["image_size"], "color": "RGB", "center_crop": None,
+           "scale": "pixel / 255 (torchvision ToTensor), then (x - mean) / std"}
+    for step in eval_tf.transforms:
+        kind = type(step).__name__
+        if kind == "Resize":
+            out["resize"] = list(step.size) if isinstance(step.size, (list, tuple)) else step.size
+            out["interpolation"] = step.interpolation.value
+        elif kind == "CenterCrop":
+            out["center_crop"] = list(step.size)
+        elif kind == "Normalize":
+            out["mean"], out["std"] = [float(v) for v in step.mean], [float(v) for v in step.std]
+    return out
+
+
+def describe_preprocessing(prep: dict | None) -> str:
+    """:func:`inference_preprocessing` in one line."""
+    if prep is None:
+        return "not recorded in the artifact"
+    resize = prep["resize"]
+    steps = [f"resize to {resize[0]}×{resize[1]}" if isinstance(resize, list)
+             else f"resize the shorter side to {resize}"]
+    if prep["center_crop"]:
+        steps.append(f"center-crop {prep['center_crop'][0]}×{prep['center_crop'][1]}")
+    mean, std = (", ".join(f"{v:.4g}" for v in prep[k]) for k in ("mean", "std"))
+    return (f"RGB, {' then '.join(steps)} ({prep['interpolation']}), pixel / 255, then (x - mean) / std with "
+            f"mean ({mean}), std ({std})")
+
+
+def export_merged(model: Method, path: str | os.PathLike, class_names: list[str] | None = None,
+                  preprocessing: dict | None = None) -> nn.Module:
     """Write the merged model's timm state_dict (incl. the classifier) as safetensors; returns the model.
 
     Load it with ``timm.create_model(architecture, num_classes=N, **model_kwargs)`` and
-    ``load_state_dict(safetensors.torch.load_file(path))``; both are in the file's metadata."""
+    ``load_state_dict(safetensors.torch.load_file(path))``; both are in the file's metadata, with
+    ``class_names`` and, given the artifact's ``preprocessing``, the input transform the model expects
+    (``preprocessing``: JSON of :func:`inference_preprocessing`)."""
     merged = merge(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
     metadata = {"format": "timm-state-dict", **_model_card(model), "class_names": json.dumps(class_names or [])}
+    prep = inference_preprocessing(preprocessing or {})
+    if prep is not None:
+        metadata["preprocessing"] = json.dumps(prep)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return merged
 

@@ -27,12 +27,11 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def cmd_bench(args) -> int:
-    from rich.console import Console
-
+    from ..output import OutputConsole
     from .ray_executor import RayOptions
     from .sweep import BenchOptions, command_line, run_bench
 
-    console = Console(quiet=args.quiet)
+    console = OutputConsole(quiet=args.quiet)
     ray_flags = [f for f, v in (("--ray-address", args.ray_address), ("--gpus-per-run", args.gpus_per_run),
                                 ("--cpus-per-run", args.cpus_per_run != 1.0)) if v]
     if ray_flags and args.executor != "ray":

@@ -88,7 +88,11 @@ def sweep_on_ray(plan: Plan, ctx: SweepContext, options: RayOptions) -> int:
     try:
         while in_flight:
             ctx.display.describe(f"{len(in_flight)} run(s) submitted to Ray")
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=ctx.display.heartbeat_seconds)
+            if not ready:
+                ctx.display.waiting(f"{len(in_flight)} run(s) on Ray, {executed} finished in this bench")
+                continue
+            ref = ready[0]
             item, started = in_flight.pop(ref)
             outcome, seconds = ray.get(ref)
             executed += 1

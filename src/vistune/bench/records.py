@@ -120,7 +120,7 @@ class RunRecords:
         self.store.insert(run_row(cell, "select", sel.key, sel.lr, sel.wd, sel.seed, metrics, started=started,
                                   finished=utc_now(), commit=self.commit, dirty=self.dirty, status=outcome.status,
                                   error=outcome.error))
-        result = f"val {metrics['val_accuracy']:.4f}" if metrics else "[yellow]diverged[/]"
+        result = f"val {metrics['val_accuracy']:.4f}" if metrics else "diverged"
         self.display.finished(f"{select_label(cell, sel)}: {result} ({seconds:.0f} s)")
 
     def final_runs(self, cell: Cell) -> list[FinalRun]:
@@ -177,7 +177,7 @@ class RunRecords:
                                   status=outcome.status, error=outcome.error,
                                   artifact_dir=str(final.folder) if metrics else None))
         result = (f"{_test_text(metrics)}, {metrics['artifact_bytes'] / 1024:.0f} KiB" if metrics
-                  else "[yellow]diverged[/]")
+                  else "diverged")
         self.display.finished(f"{final.label}: {result} ({seconds:.0f} s{', resumed' if final.resume else ''})")
 
 

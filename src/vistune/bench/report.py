@@ -3,13 +3,19 @@
 Built from ``DIR/results.sqlite`` alone: the plan of the latest ``vistune bench`` on DIR (plus cells
 of earlier benches with the same settings that ran other tasks or methods) joined with the stored
 runs. Works on an unfinished bench too: missing cells show as pending.
+
+Text from the suite file, the command line or the data (suite description, task groups, data specs, names)
+enters the Markdown escaped (:func:`_md`, :func:`_code`): HTML is shown as text, and a ``|`` cannot end a
+table cell.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import html
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -137,6 +143,23 @@ def method_summary(data: dict) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------------------------- markdown
+def _md(text) -> str:
+    """Text as literal Markdown on one line: HTML escaped (shown, never run), Markdown's punctuation and the
+    table's ``|`` backslash-escaped."""
+    return re.sub(r"([\\`*_\[\]|~#])", r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
+
+
+def _code(text, in_table: bool = True) -> str:
+    """Text as a Markdown code span (HTML inside one is shown as text); in a table its ``|`` is escaped,
+    which GitHub's tables require even inside code."""
+    text = " ".join(str(text).split())
+    if in_table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -208,14 +231,14 @@ def _task_row(task: PlannedTask, results: dict, methods: list[str]) -> list[str]
         res = results.get((task.name, m))
         if not res:
             continue
-        data = f"`{res['cell'].data}`"
+        data = _code(res["cell"].data)
         for r in res["rows"]:
             summary = json.loads(r["config"] or "{}").get("data_summary")
             if summary and r["phase"] == "select" and sel == "–":
                 sel = summary.replace(" / no test", "")
             if summary and r["phase"] == "final" and fin == "–":
                 fin = summary
-    return [task.name, task.group, data, sel, fin]
+    return [_md(task.name), _md(task.group), data, _md(sel), _md(fin)]
 
 
 def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
@@ -246,22 +269,24 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
     devices = sorted({r["device"] for r in rows if r.get("device")})
     versions = next((json.loads(r["versions"]) for r in reversed(rows) if r.get("versions")), {})
     group_counts = ", ".join(f"{g} {sum(t.group == g for t in tasks)}" for g in groups)
-    out = [f"# vistune bench: {plan.suite} on {b['name']}", ""]
+    out = [f"# vistune bench: {_md(plan.suite)} on {_md(b['name'])}", ""]
     if plan.suite_description:
-        out += [f"_{plan.suite_description}_", ""]
+        out += [f"_{_md(plan.suite_description)}_", ""]
+    backbone = _code(b["name"], in_table=False)
     out += [
-        f"- backbone: `{b['name']}` ({b['source']}), {bp:,} parameters" if bp else f"- backbone: `{b['name']}`",
-        f"- tasks: {n} ({group_counts}); "
-        f"methods: {', '.join(methods)}",
+        f"- backbone: {backbone} ({_md(b['source'])}), {bp:,} parameters" if bp else f"- backbone: {backbone}",
+        f"- tasks: {n} ({_md(group_counts)}); "
+        f"methods: {_md(', '.join(methods))}",
         f"- status: {status}; generated {now}",
-        f"- settings: {_settings_text(plan)}",
-        f"- command{'s' if len(data['commands']) > 1 else ''}: " + "; ".join(f"`{c}`" for c in data["commands"]),
+        f"- settings: {_md(_settings_text(plan))}",
+        f"- command{'s' if len(data['commands']) > 1 else ''}: "
+        + "; ".join(_code(c, in_table=False) for c in data["commands"]),
     ]
     if versions:
-        out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "git_dirty" and v)
-                   + (f"; git {', '.join(c[:12] for c in commits)}" if commits else "")
-                   + (" (with local changes)" if versions.get("git_dirty") else "")
-                   + (f"; device {', '.join(devices)}" if devices else ""))
+        out.append("- versions: " + _md(", ".join(f"{k} {v}" for k, v in versions.items() if k != "git_dirty" and v)
+                                        + (f"; git {', '.join(c[:12] for c in commits)}" if commits else "")
+                                        + (" (with local changes)" if versions.get("git_dirty") else "")
+                                        + (f"; device {', '.join(devices)}" if devices else "")))
     out += [
         "",
         "Protocol (VPT): for each task × method every lr × weight decay of the grid is trained on the "
@@ -277,12 +302,13 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
         "## Test top-1 accuracy (%), mean ± std over seeds",
         "",
     ]
-    header = ["Method"] + [t.name for t in tasks] + groups + ["Mean", "Tuned params", "% of backbone",
+    header = ["Method"] + [_md(t.name) for t in tasks] + [_md(g) for g in groups] + ["Mean", "Tuned params",
+                                                                                        "% of backbone",
                                                                 f"Total params ({n} task{'s' if n != 1 else ''})"]
     table_rows = []
     for m in methods:
         s = summary[m]
-        row = [f"**{m}**"] + [_cell_text(results.get((t.name, m))) for t in tasks]
+        row = [f"**{_md(m)}**"] + [_cell_text(results.get((t.name, m))) for t in tasks]
         for g in groups:
             val, partial = s["groups"][g]
             row.append("–" if val is None else f"{100 * val:.1f}{'*' if partial else ''}")
@@ -307,7 +333,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
             "lr is the base lr (× batch/256); val is the best val top-1 (%) of the selection runs.", ""]
     rows_sel = []
     for m in methods:
-        row = [f"**{m}**"]
+        row = [f"**{_md(m)}**"]
         for t in tasks:
             res = results.get((t.name, m))
             if res is None:
@@ -321,7 +347,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
                 row.append(f"lr {_fmt_num(best.lr)}, wd {_fmt_num(best.wd)} "
                            f"(val {100 * best.val_accuracy:.1f}{extra})")
         rows_sel.append(row)
-    out += [_table(["Method"] + [t.name for t in tasks], rows_sel), ""]
+    out += [_table(["Method"] + [_md(t.name) for t in tasks], rows_sel), ""]
 
     out += ["## Artifact size per task and cost", "",
             "Artifact: `adapter.safetensors` + `adapter.json` of one final run (mean over seeds) — what must be "
@@ -329,7 +355,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
             ""]
     rows_art = []
     for m in methods:
-        row = [f"**{m}**"]
+        row = [f"**{_md(m)}**"]
         secs, runs, peak = 0.0, 0, 0.0
         for t in tasks:
             res = results.get((t.name, m))
@@ -340,7 +366,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
                 peak = max(peak, res["peak_memory_mb"] or 0.0)
         row += [str(runs), f"{secs / 60:.1f} min", f"{peak:,.0f} MB" if peak else "–"]
         rows_art.append(row)
-    out += [_table(["Method"] + [t.name for t in tasks] + ["Runs", "Time", "Peak memory"], rows_art), ""]
+    out += [_table(["Method"] + [_md(t.name) for t in tasks] + ["Runs", "Time", "Peak memory"], rows_art), ""]
     out += ["Peak memory: peak GPU memory on CUDA; on CPU the process's peak resident memory (it includes the "
             "decoded data kept for the whole bench).", ""]
 
@@ -355,7 +381,7 @@ def render(data: dict, plot_name: str | None = PLOT) -> str:
             per = ", ".join(f"{r['seed']}: " + ("diverged" if r["status"] != "ok" else
                                                "–" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f}")
                             for r in res["finals"])
-            rows_seed.append([m, t.name, per])
+            rows_seed.append([_md(m), _md(t.name), per])
     out += [_table(["Method", "Task", "seed: test top-1"], rows_seed, ["l", "l", "l"]) if rows_seed else
             "_no final runs yet_", ""]
     out += [f"Every run (selection and final) is a row of `{STORE}` with its full configuration.", ""]
@@ -374,7 +400,7 @@ def _efficiency_section(data: dict) -> list[str]:
     for e in measured:
         arts = [res["artifact_bytes"] for (_, m), res in data["results"].items()
                 if m == e["method"] and res["artifact_bytes"] is not None]
-        rows.append([f"**{e['method']}**", f"`{e['backbone']}`", e["device"], _params(e["tuned_params"]),
+        rows.append([f"**{_md(e['method'])}**", _code(e["backbone"]), _md(e["device"]), _params(e["tuned_params"]),
                      f"{e['train_images_per_s']:,.1f}", f"{e['peak_memory_mb']:,.0f} MB",
                      f"{e['latency_b1_ms']:.2f}", f"{e['latency_bn_ms']:.1f}",
                      f"{statistics.fmean(arts) / 1024:,.0f} KiB" if arts else "–"])

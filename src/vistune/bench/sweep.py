@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from ..backbones import BackboneView, load_backbone
 from ..errors import VistuneError
 from ..methods import resolve_method
 from ..options import parse_sets
+from ..output import OutputConsole
 from ..training.trainer import resolve_device
 from .jobs import SweepContext, default_image_size
 from .local_executor import sweep_in_process
@@ -107,7 +109,7 @@ def run_bench(options: BenchOptions, *, console: Console | None = None) -> dict:
         raise VistuneError(f"unknown executor {options.executor!r}", f"use {' or '.join(EXECUTORS)}")
     if options.executor == "ray":
         import_ray()  # fail before loading anything
-    console = console or Console()
+    console = console or OutputConsole()
     out = Path(options.out)
     suite = options.suite if isinstance(options.suite, Suite) else load_suite(options.suite)
     methods = options.method_names()
@@ -127,7 +129,7 @@ def run_bench(options: BenchOptions, *, console: Console | None = None) -> dict:
     with _bench_lock(out), Store(out / STORE) as store:
         backbone = options.backbone
         if isinstance(backbone, str):
-            console.print(f"loading backbone {backbone} …")
+            console.print(f"loading backbone {backbone} …", markup=False)
             backbone = load_backbone(backbone, checkpoint=options.checkpoint, random_init=options.random_init,
                                      model_kwargs=options.model_kwargs)
         plan = build_plan(suite, chosen_tasks, methods, backbone, cli=cli, sets=sets,
@@ -141,7 +143,7 @@ def run_bench(options: BenchOptions, *, console: Console | None = None) -> dict:
         from .report import write_report
 
         summary["report"] = str(write_report(out))
-        console.print(f"report: {summary['report']} (+ {out / 'accuracy_vs_params.png'})")
+        console.print(f"report: {summary['report']} (+ {out / 'accuracy_vs_params.png'})", markup=False)
     return summary
 
 
@@ -209,11 +211,13 @@ def _sweep(plan: Plan, suite: Suite, root: str | None, backbone, out: Path, stor
            console: Console) -> dict:
     total_runs, pending = _pending_runs(plan, store)
     n_tasks = len({c.task for c in plan.cells})
-    console.print(f"[bold]vistune bench[/] {plan.suite}: {n_tasks} task(s) × {len(plan.methods)} method(s) on "
-                  f"{plan.backbone['name']} ({plan.backbone['source']}) → {out}"
-                  + (" on Ray" if options.executor == "ray" else ""))
+    console.print(Text.assemble(("vistune bench", "bold"),
+                                f" {plan.suite}: {n_tasks} task(s) × {len(plan.methods)} method(s) on "
+                                f"{plan.backbone['name']} ({plan.backbone['source']}) → {out}"
+                                + (" on Ray" if options.executor == "ray" else "")))
     if pending < total_runs:
-        console.print(f"resuming: {total_runs - pending} of {total_runs} runs are already in {out / STORE}")
+        console.print(f"resuming: {total_runs - pending} of {total_runs} runs are already in {out / STORE}",
+                      markup=False)
     display = SweepDisplay(console, pending, options.progress)
     commit, dirty = git_commit()
     ctx = SweepContext(suite=suite, root=root, backbone=backbone, out=out, device=options.device, display=display,
@@ -255,7 +259,8 @@ def measure_methods(plan: Plan, backbone, store: Store, *, device: str, console:
                          "num_classes": num_classes, "device": where, "protocol": EFFICIENCY_PROTOCOL})
         if store.efficiency(key) is not None:
             continue
-        console.print(f"efficiency: {method} on {where} (batch {s['batch_size']}, {s['image_size']} px) …")
+        console.print(f"efficiency: {method} on {where} (batch {s['batch_size']}, {s['image_size']} px) …",
+                      markup=False)
         kwargs = dict(image_size=s["image_size"], batch_size=s["batch_size"], device=device,
                       **EFFICIENCY_PROTOCOL)
         if spec is not None:

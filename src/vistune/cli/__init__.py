@@ -3,7 +3,8 @@
     common     the console, shared argument groups (backbone, data, training), the help formatter
     info       methods, backbones            train      train, calibrate
     inference  eval, predict, export         bench      bench, report
-    misc       data, demo, pretrain
+    remap      remap (weight selection, growth)
+    misc       data, demo, pretrain          serve      serve
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import VistuneError
-from . import bench, inference, info, misc, train
+from . import bench, inference, info, misc, remap, serve, train
 from .common import HelpFormatter, console
 
 __all__ = ["main", "build_parser", "console"]
@@ -28,13 +29,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (info, train, inference, misc, bench):
+    for group in (info, train, inference, remap, misc, bench, serve):
         group.add_parsers(sub)
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (not the one at its creation)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _log_to_stderr() -> None:
+    """vistune's own log records on stderr as "vistune: …". Only vistune's logger gets the handler: with one
+    on the root logger, every library's record (the hub client's retries) printed twice."""
+    log = logging.getLogger("vistune")
+    log.setLevel(os.environ.get("VISTUNE_LOG", "WARNING").upper())
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("vistune: %(message)s"))
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("VISTUNE_LOG", "WARNING"), format="vistune: %(message)s")
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

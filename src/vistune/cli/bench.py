@@ -27,12 +27,13 @@ def add_parsers(sub) -> None:
                    help="bench folder: results.sqlite, runs/<task>/<method>/seed<k>/, report.md; re-run to resume")
     p.add_argument("--data-root", metavar="R", help="folder holding <task>/ folders (vtab-1k, fgvc)")
     p.add_argument("--tasks", metavar="T,T,…", help="only these tasks of the suite")
-    p.add_argument("--epochs", type=int, metavar="N", help="default: the suite's")
+    p.add_argument("--epochs", type=int, metavar="N", help="training epochs of every run (default: the suite's)")
     p.add_argument("--lr-grid", metavar="LR,LR,…", help="base lrs searched on val (default: the suite's)")
     p.add_argument("--wd-grid", metavar="WD,WD,…", help="weight decays searched on val (default: the suite's)")
     p.add_argument("--seeds", metavar="S,S,…", help="seeds of the final runs (default: the suite's)")
-    p.add_argument("--image-size", type=int, metavar="N", help="default: the suite's (or the backbone's)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="default: the suite's")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="input size in pixels (default: the suite's, else the backbone's pretrained size)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per step (default: the suite's)")
     p.add_argument("--test-size", type=int, metavar="N", help="fixed stratified test subset (default: the suite's)")
     p.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="method option (adapter.reduction=8) or per-method epochs/batch_size/optimizer/"
@@ -50,7 +51,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-efficiency", action="store_true",
                    help="skip the per-method efficiency measurement (train img/s, peak memory, latency b1/bN) "
                         "that follows the runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="nothing but errors: no progress bars, per-run lines or heartbeat lines (printed once a "
+                        "minute of a long run where stdout is no terminal)")
     p.set_defaults(func=cmd_bench)
 
     p = subparser(sub, "report", help="write the Markdown report + accuracy-vs-params plot of a bench folder")

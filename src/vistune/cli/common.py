@@ -2,26 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
-from rich.console import Console
-from rich.markup import escape
+from ..output import OutputConsole, bars_shown, epoch_printer
 
-
-console = Console()
+console = OutputConsole()  # reads no markup: every path, class and data name prints as written
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """One line of help per option with its real default: argparse's "(default: X)" is added only where the
-    help text does not already say what the default is, and never for flags or unset (None) defaults."""
+    """Help with each option's real default: argparse's "(default: X)" is added only where the help text does
+    not already say what the default is, and never for flags or unset defaults (None, False, an empty list).
+    Lines break between words only: a path, a comma list or a hyphenated word is never split."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower() or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS:
+                or action.default in ([], ()) or action.default == argparse.SUPPRESS:
             return text
         if action.option_strings and action.nargs != 0:
             return f"{text} (default: %(default)s)"
         return text
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_long_words=False, break_on_hyphens=False)
 
 
 def subparser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
@@ -37,8 +44,14 @@ def method_options(pairs: list[str], method: str) -> dict[str, str]:
 
 
 def notify(line: str) -> None:
-    """A line about the job for the user (its data, a carved val split, missing classes); user text escaped."""
-    console.print(escape(line), highlight=False, soft_wrap=True)
+    """A line about the job for the user (its data, a carved val split, missing classes, an epoch)."""
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+def epoch_lines(progress: bool, prefix: str = ""):
+    """The trainer's ``on_epoch`` for a command whose progress bars do not show (its stderr is no terminal:
+    CI logs, ``2>&1 | tee``): a line per epoch instead. None where the bars show or with --quiet."""
+    return epoch_printer(notify, prefix) if progress and not bars_shown() else None
 
 
 # ---- argument groups -----------------------------------------------------------------------
@@ -81,7 +94,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
                    help="weight decay (never on biases and norm parameters)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
-                   help="default: the method's (SGD momentum 0.9; AdamW for full and sct)")
+                   help="optimizer (default: the method's; SGD momentum 0.9, AdamW for full and sct)")
     p.add_argument("--warmup-epochs", type=int, default=None, metavar="N",
                    help="linear warm-up epochs before the cosine schedule (default: 10%% of --epochs)")
     p.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="label smoothing of the loss")

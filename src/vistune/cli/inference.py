@@ -60,11 +60,11 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
     elif segmentation:
-        console.print(f"{meta['method']} on {args.data} [{args.split}]: mIoU {res['miou']:.4f}, pixel accuracy "
+        console.print(f"{meta['method']} on {args.data}, {args.split} split: mIoU {res['miou']:.4f}, pixel accuracy "
                       f"{res['pixel_accuracy']:.4f} over {res['n']} images (mean pixel loss {res['loss']:.4f})")
     else:
         mode = " (deployed as pixels)" if args.deploy else ""
-        console.print(f"{meta['method']}{mode} on {args.data} [{args.split}]: accuracy {res['accuracy']:.4f} "
+        console.print(f"{meta['method']}{mode} on {args.data}, {args.split} split: accuracy {res['accuracy']:.4f} "
                       f"over {res['n']} images (mean loss {res['loss']:.4f})")
     return 0
 
@@ -75,6 +75,8 @@ def cmd_predict(args) -> int:
     from ..data import load_image
     from ..run import transforms_for
 
+    if args.top_k < 1:
+        raise VistuneError(f"--top-k {args.top_k} must be ≥ 1", "e.g. --top-k 5 (classes shown per image)")
     model, meta, device = _load_for_inference(args)
     if meta.get("task") == "segmentation":
         return _predict_masks(args, model, meta, device)
@@ -144,20 +146,29 @@ def _predict_masks(args, model, meta, device) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..merge import export_merged, export_peft
+    from ..merge import describe_preprocessing, export_merged, export_peft, inference_preprocessing
 
-    if not (args.merged or args.peft):
-        raise VistuneError("export: nothing to write", "pass --merged FILE.safetensors and/or --peft DIR")
+    if not (args.merged or args.peft or args.onnx):
+        raise VistuneError("export: nothing to write", "pass --merged FILE.safetensors, --peft DIR and/or --onnx FILE")
     model, meta, _ = _load_for_inference(args)
     if args.merged:
-        export_merged(model, args.merged, class_names=meta["class_names"])
+        export_merged(model, args.merged, class_names=meta["class_names"], preprocessing=meta["preprocessing"])
         console.print(f"{args.merged}: plain timm {meta['backbone']['architecture']} state_dict with the "
                       f"{meta['method']} update merged in and a {meta['num_classes']}-class head "
                       f"(timm.create_model(arch, num_classes={meta['num_classes']}) loads it)")
+        console.print("input preprocessing (in the file's metadata as \"preprocessing\", with \"class_names\"): "
+                      + describe_preprocessing(inference_preprocessing(meta["preprocessing"])))
     if args.peft:
         export_peft(model, args.peft)
         console.print(f"{args.peft}: peft adapter_model.safetensors + adapter_config.json "
                       "(PeftModel.from_pretrained(timm_model, DIR))")
+    if args.onnx:
+        from ..onnx_export import export_onnx
+
+        report = export_onnx(model, args.onnx, meta)
+        console.print(f"{args.onnx}: ONNX ({report['graph']} graph; input images (B, 3, {report['image_size']}, "
+                      f"{report['image_size']}), preprocessing and classes in its metadata); onnxruntime matches "
+                      f"PyTorch to {report['max_abs_diff']:.1e}")
     return 0
 
 
@@ -195,6 +206,9 @@ def add_parsers(sub) -> None:
                                       "format (--peft)")
     _add_artifact_args(p)
     p.add_argument("--merged", metavar="FILE.safetensors",
-                   help="timm state_dict with the update folded into the weights and the head as timm's classifier")
+                   help="timm state_dict with the update folded into the weights and the head as timm's classifier; "
+                        "its metadata holds the architecture, class names and input preprocessing")
     p.add_argument("--peft", metavar="DIR", help="peft adapter_model.safetensors + adapter_config.json")
+    p.add_argument("--onnx", metavar="FILE.onnx",
+                   help="ONNX graph (merged where the method merges), checked with onnxruntime (vistune[onnx])")
     p.set_defaults(func=cmd_export, device="cpu", deploy=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ..output import print_table
 from .common import console, subparser
 
 
@@ -40,7 +41,7 @@ def cmd_methods(args) -> int:
         table.add_column(col, no_wrap=col == "method")
     for info in _ordered():
         table.add_row(info.name, info.category, ", ".join(info.kinds), ", ".join(info.families), info.description)
-    console.print(table)
+    print_table(console, table)
     if args.details:
         for info in sorted(_ordered(), key=lambda i: i.name):
             fields = info.config_class.fields_help()
@@ -53,7 +54,7 @@ def cmd_methods(args) -> int:
                 t.add_column(col)
             for key, (tp, default, text) in fields.items():
                 t.add_row(key, tp, repr(default), text)
-            console.print(t)
+            print_table(console, t)
     else:
         console.print("Options and training defaults of each method: vistune methods --details")
     return 0
@@ -70,11 +71,11 @@ def cmd_backbones(args) -> int:
     for b in OFFLINE_BACKBONES.values():
         table.add_row(b.name, b.architecture, f"PyPI {b.package}", "yes" if b.available() else f"no: {b.install}",
                       b.description)
-    console.print(table)
+    print_table(console, table)
     console.print(
-        "Any timm model name also works when online, e.g. [bold]vit_base_patch16_224.orig_in21k[/] "
-        "(the VPT paper's backbone), [bold]vit_small_patch14_dinov2.lvd142m[/], "
-        "[bold]swin_tiny_patch4_window7_224[/], [bold]convnext_tiny[/].\n"
+        "Any timm model name also works when online, e.g. vit_base_patch16_224.orig_in21k "
+        "(the VPT paper's backbone), vit_small_patch14_dinov2.lvd142m, swin_tiny_patch4_window7_224, "
+        "convnext_tiny.\n"
         "Local weights: --backbone <timm architecture> --checkpoint FILE (.safetensors/.pth/.npz).\n"
         "Random weights for shape checks: --backbone <timm architecture> --random-init.\n"
         "Families with a view: vit (VisionTransformer & kin), swin, cnn (EfficientNet, MobileNet, "

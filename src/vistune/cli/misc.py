@@ -66,16 +66,19 @@ def add_parsers(sub) -> None:
     p = subparser(sub, "demo", help="adapt the real ImageNet EfficientNet-Lite0 to a real offline dataset "
                                     "with several methods and print a comparison table")
     p.add_argument("--out", default="vistune-demo", help="folder for the artifacts")
-    p.add_argument("--quick", action="store_true", help="a tiny run (about a minute), for smoke tests")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 2 epochs per method at 64 px, 200 test images")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars, nor the line per epoch printed instead where stderr is no terminal "
+                        "(the line per method stays)")
     p.set_defaults(func=cmd_demo)
 
     p = subparser(sub, "pretrain", help="pretrain vistune's own small ViT/Swin from scratch (e.g. on CIFAR-10)")
     p.add_argument("recipe", help="vistune/vit-tiny-cifar10 or vistune/swin-tiny-cifar10")
     p.add_argument("--data", required=True, help="e.g. cifar10:../shared/data/cifar10-jpeg.tar.gz")
     p.add_argument("--out", required=True, help="folder for <name>.safetensors and its model card <name>.json")
-    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pretraining run")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -4,8 +4,9 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..errors import VistuneError
-from .common import (add_backbone_args, add_data_args, add_train_args, console, method_options, notify, subparser,
-                     train_config)
+from ..output import phase_times, print_table
+from .common import (add_backbone_args, add_data_args, add_train_args, console, epoch_lines, method_options, notify,
+                     subparser, train_config)
 
 
 def _print_metrics(m: dict) -> None:
@@ -20,11 +21,12 @@ def _print_metrics(m: dict) -> None:
                          f"{m['tuned_params_excluding_head']:,} excl. head)"),
         ("backbone params", f"{m['backbone_params']:,}"),
         ("artifact", f"{m.get('artifact_bytes', 0):,} bytes"),
-        ("train time", f"{m['train_seconds']:.1f} s"),
+        ("train time", f"{m['train_seconds']:.1f} s (epochs: training + val eval)"),
+        *([("job time", phase_times(m["timings"]))] if m.get("timings") else []),
     ]
     for k, v in rows:
         table.add_row(k, v)
-    console.print(table)
+    print_table(console, table)
 
 
 def cmd_train(args) -> int:
@@ -35,9 +37,10 @@ def cmd_train(args) -> int:
               overrides=method_options(args.set, args.method), checkpoint=args.checkpoint, random_init=args.random_init,
               image_size=args.image_size, normalization=args.normalization, augment=args.augment,
               train_size=args.train_size, val_size=args.val_size, data_seed=args.data_seed, train=train_config(args),
-              task=args.task)
+              task=args.task, keep_state=args.keep_state)
     with distributed.process_group(args.device):  # several processes under torchrun; else a no-op
-        metrics = run_job(job, resume=args.resume, progress=not args.quiet, notify=notify)
+        metrics = run_job(job, resume=args.resume, progress=not args.quiet, notify=notify,
+                          on_epoch=epoch_lines(not args.quiet))
         if not distributed.is_main():
             return 0  # rank 0 reports (and alone wrote the artifact)
     metrics.pop("model")
@@ -50,7 +53,7 @@ def cmd_calibrate(args) -> int:
     """SCT's calibration pass alone, over the same training split `vistune train` would calibrate on."""
     from .._io import atomic_write_json
     from ..methods.sct import calibrate
-    from ..run import Job, prepare_job
+    from ..run import Job, check_memory, prepare_job
     from ..training import TrainConfig
 
     if args.top_k is not None and args.top_k < 1:
@@ -64,6 +67,7 @@ def cmd_calibrate(args) -> int:
               train_size=args.train_size, val_size=args.val_size, data_seed=args.data_seed,
               train=TrainConfig(device=args.device))
     setup = prepare_job(job, augment=False, notify=notify)  # the split `vistune train` calibrates on, un-augmented
+    check_memory(setup, batch_size=args.batch_size, backward=False)
     config = setup.config
     result = calibrate(setup.backbone, setup.data.train, placement=config.placement, top_k=config.top_k,
                        ratio=config.ratio, batch_size=args.batch_size, device=setup.device, progress=not args.quiet)
@@ -76,7 +80,7 @@ def cmd_calibrate(args) -> int:
         top = ", ".join(f"{int(layer.indices[j])}" for j in order[:8]) + (" …" if len(order) > 8 else "")
         table.add_row(layer.name, str(layer.dim), str(len(layer.indices)), top,
                       f"{float(layer.scores.min()):.4g} … {float(layer.scores.max()):.4g}")
-    console.print(table)
+    print_table(console, table)
     if args.out:
         atomic_write_json(args.out, {"backbone": args.backbone, "data": args.data,
                                      "image_size": setup.preprocessing["image_size"], "top_k": args.top_k,
@@ -103,8 +107,12 @@ def add_parsers(sub) -> None:
     add_train_args(p)
     p.add_argument("--augment", action="store_true",
                    help="FGVC-style random-resized-crop + flip (default: none, as VTAB-1k)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in OUT (refused if any setting differs from that run's)")
+    p.add_argument("--keep-state", action="store_true",
+                   help="keep the training checkpoint (train_state.pt) in OUT once the run has finished")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars, nor the line per epoch printed instead where stderr is no terminal")
     p.set_defaults(func=cmd_train)
 
     p = subparser(sub, "calibrate", help="SCT's calibration pass alone: per-layer salient channels "
@@ -112,7 +120,8 @@ def add_parsers(sub) -> None:
     add_backbone_args(p)
     add_data_args(p)
     k = p.add_mutually_exclusive_group()
-    k.add_argument("--top-k", type=int, default=None, metavar="K", help="salient channels per layer/stage")
+    k.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="salient channels per layer/stage (default: set by --ratio)")
     k.add_argument("--ratio", type=float, default=None, metavar="R", help="K = round(D·R), at least 1 (default 1/8)")
     p.add_argument("--placement", choices=["attn", "mlp-branch", "mlp"], default="attn",  # sct.PLACEMENTS
                    help="ViT/Swin: attn = scores on norm2's input (the paper's); mlp-branch (official sct_mlp) and "

@@ -73,6 +73,14 @@ class MethodConfig:
         return cls(method=method, **kwargs)
 
 
+def check_at_most(method: str, name: str, value: int, limit: int, why: str, typical: int) -> None:
+    """Refuse an option that sizes tensors beyond ``limit`` before anything is allocated (an absurd value would
+    otherwise fail in the allocator, or take the machine's memory)."""
+    if value > limit:
+        raise VistuneError(f"{method}: {name}={value} is above the limit of {limit} ({why})",
+                           f"use --set {name}={typical} (at most {limit})")
+
+
 def option_fields(cls: type[MethodConfig]) -> list[dataclasses.Field]:
     """A config's options: every dataclass field but the ``method`` link."""
     return [f for f in dataclasses.fields(cls) if f.name != "method"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import VistuneError
-from .base import option, register
+from .base import check_at_most, option, register
 from .peft_common import PeftMethod, PeftMethodConfig, exact_names, require_peft
 
 
@@ -28,6 +28,8 @@ class LoRAConfig(PeftMethodConfig):
         name = self.method or "lora"  # dora shares this config
         if self.r < 1:
             raise VistuneError(f"{name}: r={self.r} must be ≥ 1", "use e.g. --set r=8")
+        check_at_most(name, "r", self.r, 1024, "16× the paper's largest, 64; a rank above a layer's width adds "
+                      "nothing", 8)
         if self.alpha is not None and self.alpha <= 0:
             raise VistuneError(f"{name}: alpha={self.alpha} must be > 0 (or none for alpha = r)")
         if not 0 <= self.dropout < 1:

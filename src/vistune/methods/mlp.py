@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import VistuneError
-from .base import Method, MethodConfig, option, register
+from .base import Method, MethodConfig, check_at_most, option, register
 
 
 @dataclass
@@ -18,6 +18,13 @@ class MLPConfig(MethodConfig):
     def validate(self):
         if self.k < 1:
             raise VistuneError(f"mlp: k={self.k} must be ≥ 1", "use --set k=2 or more (k=1 is `linear`)")
+        check_at_most("mlp", "k", self.k, 16, "a head of 16 layers is deeper than any probe in the literature", 3)
+        if self.hidden_dim is not None:
+            if self.hidden_dim < 1:
+                raise VistuneError(f"mlp: hidden_dim={self.hidden_dim} must be ≥ 1 (or none: the feature width)",
+                                   "use e.g. --set hidden_dim=512")
+            check_at_most("mlp", "hidden_dim", self.hidden_dim, 16384, "each hidden layer is hidden_dim² weights",
+                          512)
         if not 0 <= self.dropout < 1:
             raise VistuneError(f"mlp: dropout={self.dropout} must be in [0, 1)")
 

@@ -50,7 +50,8 @@ from torch import nn
 
 from ..errors import VistuneError
 from ..backbones import load_backbone
-from .base import MethodConfig, TokenTuner, option, register
+from ..backbones.input_size import MAX_IMAGE_SIZE
+from .base import MethodConfig, TokenTuner, check_at_most, option, register
 
 RESNET10 = "resnet10"
 RESNET10_TIMM = "resnet10-timm"
@@ -85,6 +86,14 @@ class PGNConfig(MethodConfig):
         if self.generator_resolution is not None and self.generator_resolution < 8:
             raise VistuneError(f"pgn: generator_resolution={self.generator_resolution} is too small",
                                "use ≥ 32, or none to feed the images as given")
+        check_at_most("pgn", "num_prompts", self.num_prompts, 1000,
+                      "every prompt joins the attention of every block", 16)
+        check_at_most("pgn", "library_size", self.library_size, 16384, "64× PGN's 256 tokens", 256)
+        check_at_most("pgn", "generator_width", self.generator_width, 256,
+                      "16× PGN's 16; the generator's width doubles with every stage", 16)
+        if self.generator_resolution is not None:
+            check_at_most("pgn", "generator_resolution", self.generator_resolution, MAX_IMAGE_SIZE,
+                          "vistune's largest input size", 224)
 
 
 class ResNet10(nn.Module):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones.base import replace_module
 from ..errors import VistuneError
-from .base import MethodConfig, ModuleTuner, option, register
+from .base import MethodConfig, ModuleTuner, check_at_most, option, register
 
 
 @dataclass
@@ -38,6 +38,8 @@ class ProTuningConfig(MethodConfig):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise VistuneError(f"pro-tuning: kernel_size={self.kernel_size} must be odd and ≥ 1",
                                "use --set kernel_size=3")
+        check_at_most("pro-tuning", "kernel_size", self.kernel_size, 31,
+                      "a kernel wider than the last feature maps of a backbone", 3)
         if self.stages != "all" and not all(s.strip().isdigit() for s in self.stages.split(",")):
             raise VistuneError(f"pro-tuning: stages={self.stages!r} is not 'all' or a list of indices",
                                "use e.g. --set stages=2,3")

@@ -35,7 +35,11 @@ class Sidetune(SideTuner):
         self.alpha = nn.Parameter(torch.zeros(()))  # σ(0) = 0.5: equal blend at the start
 
     def features(self, x):
-        frozen = self.backbone.forward_features(x)
+        return self.blend(self.backbone.forward_features(x), x)
+
+    def blend(self, frozen: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """σ(α)·``frozen`` + (1-σ(α))·the side network's feature of ``x``. A hook for callers that compute the
+        frozen feature elsewhere (vistune.multitask shares one frozen pass between the tasks of a mixed batch)."""
         side = self.side_proj(self.side.forward_head(self.side.forward_features(x), pre_logits=True))
         a = torch.sigmoid(self.alpha)
         return a * frozen + (1 - a) * side

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VistuneError
-from .base import Borrowed, MethodConfig, ModuleTuner, TokenTuner, option, register
+from .base import Borrowed, MethodConfig, ModuleTuner, TokenTuner, check_at_most, option, register
 
 
 @dataclass
@@ -52,6 +52,10 @@ class VPTConfig(MethodConfig):
             raise VistuneError(f"vpt: dropout={self.dropout} must be in [0, 1)")
         if self.project_dim is not None and self.project_dim < 1:
             raise VistuneError(f"vpt: project_dim={self.project_dim} must be ≥ 1 (or none)")
+        check_at_most("vpt", "num_tokens", self.num_tokens, 1000,
+                      "5× the paper's largest, 200; every prompt joins the attention of every block", 10)
+        if self.project_dim is not None:
+            check_at_most("vpt", "project_dim", self.project_dim, 4096, "wider than any ViT's embedding", 64)
 
 
 def _init_prompts(p: torch.Tensor, config: VPTConfig, patch_area: int) -> None:
@@ -78,11 +82,13 @@ class PromptedWindowAttention(nn.Module):
         heads = a.num_heads
         q, k, v = a.qkv(x).reshape(b_, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         prompts = self.prompts.value if self.project.value is None else self.project.value(self.prompts.value)
-        prompts = self.norm(self.dropout(prompts))  # as a token in the residual stream: norm1 → qkv
         p = prompts.shape[0]
-        _, pk, pv = a.qkv(prompts).reshape(p, 3, heads, -1).permute(1, 2, 0, 3).unbind(0)
-        k = torch.cat([pk.unsqueeze(0).expand(b_, -1, -1, -1), k], dim=2)
-        v = torch.cat([pv.unsqueeze(0).expand(b_, -1, -1, -1), v], dim=2)
+        if self.dropout.training and self.dropout.p > 0:  # a mask per window, as VPT draws one per sample
+            prompts = self.dropout(prompts.unsqueeze(0).expand(b_, -1, -1))
+        prompts = self.norm(prompts)  # as a token in the residual stream: norm1 → qkv
+        _, pk, pv = a.qkv(prompts).reshape(-1, p, 3, heads, a.qkv.out_features // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        k = torch.cat([pk.expand(b_, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.expand(b_, -1, -1, -1), v], dim=2)
         bias = a._get_rel_pos_bias()  # (1, heads, n, n): patch→patch only
         if mask is not None:
             nw = mask.shape[0]
@@ -90,7 +96,7 @@ class PromptedWindowAttention(nn.Module):
             bias = bias.reshape(b_, heads, n, n)
         bias = F.pad(bias, (p, 0))  # patch→prompt pairs: no positional bias, never masked
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             dropout_p=a.attn_drop.p if self.training else 0.0)
+                                             dropout_p=a.attn_drop.p if a.training else 0.0)
         return a.proj_drop(a.proj(out.transpose(1, 2).reshape(b_, n, -1)))
 
 
@@ -137,6 +143,10 @@ class VPTShallow(TokenTuner, ModuleTuner):
             nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
             nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
         return head
+
+    def backbone_train_modules(self):
+        # Swin: the prompt dropout sits inside the frozen backbone, which otherwise runs in eval mode
+        return [m.dropout for m in self.backbone.model.modules() if isinstance(m, PromptedWindowAttention)]
 
     def prompt_tokens(self, i: int, batch: int) -> torch.Tensor:
         """Block i's prompts for a batch, (B, p, D); dropout draws its mask per sample."""

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..backbones import FAMILIES
 from ..errors import VistuneError
-from .base import InputTuner, MethodConfig, option, register
+from ..backbones.input_size import MAX_IMAGE_SIZE
+from .base import InputTuner, MethodConfig, check_at_most, option, register
 
 
 @dataclass
@@ -31,6 +32,12 @@ class VPTPadConfig(MethodConfig):
     def validate(self):
         if self.width < 1:
             raise VistuneError(f"vpt-pad: width={self.width} must be ≥ 1")
+        check_at_most("vpt-pad", "width", self.width, MAX_IMAGE_SIZE // 2, "a border as wide as the largest input", 8)
+        if self.image_size is not None:
+            if self.image_size < 1:
+                raise VistuneError(f"vpt-pad: image_size={self.image_size} must be ≥ 1 (or none: the training size)")
+            check_at_most("vpt-pad", "image_size", self.image_size, MAX_IMAGE_SIZE, "vistune's largest input size",
+                          224)
         if self.image_size is not None and self.canvas == "shrink" and 2 * self.width >= self.image_size:
             raise VistuneError(
                 f"vpt-pad: a border of width {self.width} leaves no room for a {self.image_size}px image",

@@ -16,9 +16,11 @@ torchrun, so both compute the same steps up to float rounding.
 from __future__ import annotations
 
 
+import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +42,42 @@ from .metrics import confusion_matrix, scores_from_confusion
 from .recompute import honours_grad_checkpoint
 
 STATE_FILE = "train_state.pt"
+# what every checkpoint holds besides its job identity
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "best_val", "best_epoch", "best_state", "history", "elapsed")
+
+# the TrainConfig fields `vistune train` has an option for (--batch-size for batch_size), and the exceptions
+_FLAG_NAMES = {"num_workers": "--workers"}
+_FLAGGED = {"epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "select",
+            "seed", "device", "amp", "num_workers"}
+
+
+def _flag(name: str) -> str:
+    """How a user names a TrainConfig field: its `vistune train` option, else the field."""
+    if name in _FLAGGED:
+        return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    return f"TrainConfig.{name}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _refuse(name: str, value, need: str, fix: str):
+    flag = _flag(name)
+    where = "" if flag.startswith("TrainConfig") else f" (TrainConfig.{name})"
+    raise VistuneError(f"{flag} {value!r}{where} must be {need}", fix)
+
+
+def _whole(value, name: str, minimum: int | None, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _refuse(name, value, "a whole number" + ("" if minimum is None else f" ≥ {minimum}"), fix)
+    if minimum is not None and value < minimum:
+        _refuse(name, value, f"≥ {minimum}", fix)
+
+
+def _number(value, name: str, ok: bool, need: str, fix: str) -> None:
+    if not ok:
+        _refuse(name, value, ("a finite number " + need) if not _is_number(value) else need, fix)
 
 
 @dataclass
@@ -62,6 +100,35 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute block activations in the backward (less memory, more time; see .recompute)
 
     DEFAULT_LR = {"sgd": 1.0, "adamw": 1e-3}
+
+    def __post_init__(self) -> None:
+        """Every field checked once, when the config is built, so no invalid config reaches the trainer."""
+        _whole(self.epochs, "epochs", 1, "train for at least one epoch, e.g. --epochs 10")
+        _whole(self.batch_size, "batch_size", 1, "e.g. --batch-size 32")
+        if self.lr is not None:
+            _number(self.lr, "lr", _is_number(self.lr) and self.lr > 0, "> 0",
+                    "e.g. --lr 0.1, or leave it out for the method's default")
+        _number(self.weight_decay, "weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, "≥ 0",
+                "e.g. --weight-decay 0.0001 (0: none)")
+        if self.optimizer not in (None, *self.DEFAULT_LR):
+            _refuse("optimizer", self.optimizer, f"one of {', '.join(self.DEFAULT_LR)}",
+                    "use --optimizer sgd or adamw, or leave it out for the method's default")
+        if self.warmup_epochs is not None:
+            _whole(self.warmup_epochs, "warmup_epochs", 0, "e.g. --warmup-epochs 1 (0: none)")
+        _number(self.label_smoothing, "label_smoothing",
+                _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1, "in [0, 1)",
+                "e.g. --label-smoothing 0.1 (0: none)")
+        if self.select not in ("best-val", "last"):
+            _refuse("select", self.select, "best-val or last", "use --select best-val or --select last")
+        _whole(self.seed, "seed", None, "e.g. --seed 42")
+        if not isinstance(self.device, str):
+            _refuse("device", self.device, "a string", "use cpu, cuda, cuda:N or auto")
+        _whole(self.num_workers, "num_workers", 0, "e.g. --workers 4 (0: load in the main process)")
+        for name in ("lr_scaling", "cache_inputs", "cache_features", "grad_checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, getattr(self, name), "True or False", f"pass {name}=True or {name}=False")
+        if self.amp is not None and not isinstance(self.amp, bool):
+            _refuse("amp", self.amp, "True, False or None", "use --amp, --no-amp, or leave it out")
 
     def resolved_optimizer(self, model: Method) -> str:
         return self.optimizer or model.default_optimizer
@@ -91,6 +158,9 @@ class TrainResult:
     train_seconds: float
     history: list[dict] = field(default_factory=list)
     val_miou: float | None = None  # segmentation: the selected epoch's val mIoU (the selection metric)
+    # seconds of this call's phases: decode (the images' first decode + transform, kept in memory),
+    # feature_cache (the frozen backbone run once), train (the steps), val (the per-epoch val eval)
+    timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +188,7 @@ class InMemory(Dataset):
         self.dataset = dataset
         self.items: list | None = None
         self.labels = getattr(dataset, "labels", None)
+        self.decode_seconds = 0.0  # spent decoding and transforming (each item once)
 
     def __len__(self):
         return len(self.dataset)
@@ -126,7 +197,9 @@ class InMemory(Dataset):
         if self.items is None:
             self.items = [None] * len(self.dataset)
         if self.items[i] is None:
+            t0 = time.perf_counter()
             self.items[i] = self.dataset[i]
+            self.decode_seconds += time.perf_counter() - t0
         return self.items[i]
 
 
@@ -204,6 +277,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
 
     Under torchrun each process evaluates every N-th item and the counts are summed, so every process
     gets the accuracy of the whole dataset (and selects the same epoch)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VistuneError(f"--batch-size {batch_size!r} must be a whole number ≥ 1", "e.g. --batch-size 64")
     device = torch.device(device)
     model.eval()
     segmentation = getattr(model, "task", "classification") == "segmentation"
@@ -249,15 +324,23 @@ def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> d
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           augment: bool = False, batch_transform=None,
-          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None,
+          on_epoch: Callable[[dict, int], None] | None = None, job_identity: dict | None = None) -> TrainResult:
     """Train ``model``'s tuned parameters; loads the best-val (or last) state into it at the end.
 
     ``batch_transform`` (e.g. random crops done on the GPU) is applied to each training batch on
-    the device; it counts as augmentation. With ``out_dir``, a checkpoint is written there after every epoch; ``resume=True`` continues
-    from it to the same result as an uninterrupted run. ``on_step(done, total)`` is called after every
-    training step (e.g. a caller's own progress bar: `vistune bench` shows one per run).
+    the device; it counts as augmentation. With ``out_dir``, a checkpoint is written there after every epoch;
+    ``resume=True`` continues from it to the same result as an uninterrupted run. The checkpoint records the
+    job's identity — ``job_identity`` (``{label: value}``: method, data, preprocessing, backbone, …, see
+    :func:`vistune.run.job_identity`) and the training settings — and a resume whose identity differs in any
+    field is refused before any work, naming each field that differs. ``on_step(done, total)`` is called after
+    every training step (e.g. a caller's own progress bar: `vistune bench` shows one per run); ``on_epoch(record,
+    epochs)`` after every epoch with its history record (the CLI's line per epoch where no bar shows).
     """
     device = resolve_device(cfg.device)
+    state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
+    identity = {**(job_identity or {}), **train_identity(cfg)}
+    ckpt = _checkpoint_to_resume(state_path, identity, device) if resume else None
     world, rank = distributed.world_size(), distributed.rank()
     if cfg.batch_size % world:
         raise VistuneError(
@@ -269,12 +352,14 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     augment = augment or batch_transform is not None
     if cfg.cache_inputs and not augment:
         train_set, val_set = InMemory(train_set), InMemory(val_set)
+    phases = _Phases([train_set, val_set])
     net: nn.Module = model  # what one training step runs
     segmentation = model.task == "segmentation"
     if cfg.cache_features and not augment and model.trains_head_only:
         bs = max(cfg.batch_size, 64)
-        train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
-        val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
+        with phases("feature_cache"):
+            train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
+            val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
         net = model.head
     if len(train_set) < cfg.batch_size:
         raise VistuneError(
@@ -288,23 +373,14 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     optimizer = _make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     schedule = dataclasses.replace(cfg, warmup_epochs=cfg.warmup(model))  # the method's default warm-up resolved
-    state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
 
     start_epoch, best_val, best_epoch, best_state, history, elapsed = 0, -1.0, -1, None, [], 0.0
-    if resume:
-        if state_path is None or not state_path.is_file():
-            raise VistuneError(
-                f"--resume: no checkpoint {state_path} to resume from",
-                "drop --resume to start a new run, or pass the --out folder of the interrupted run",
-            )
-        ckpt = torch.load(state_path, map_location=device, weights_only=True)
-        if ckpt["config"] != _comparable(cfg):
-            raise VistuneError(
-                f"--resume: {state_path} was written with different training settings",
-                "resume with the same options, or start a new --out folder",
-            )
-        model.load_state_dict(ckpt["model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"], strict=False)
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise _corrupt(state_path, f"its tensors do not fit the model ({type(e).__name__})") from None
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["best_epoch"]
         best_state, history, elapsed = ckpt["best_state"], ckpt["history"], ckpt["elapsed"]
 
@@ -329,6 +405,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         model.train()
         step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0
+        steps_started = phases.start()
         for step, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if batch_transform is not None:
@@ -357,8 +434,10 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         # each process updated train-mode BatchNorm statistics on its own B/N images: agree on their mean
         if world > 1:
             distributed.average_across(_tuned_buffers(model))
+        phases.stop("train", steps_started)
         train_time = time.perf_counter() - t0
-        val = evaluate(net, val_set, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
+        with phases("val"):
+            val = evaluate(net, val_set, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_accuracy": val["accuracy"],
                         "val_loss": val["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": train_time,
@@ -371,8 +450,15 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         if state_path is not None and distributed.is_main():
             ckpt = {"epoch": epoch, "model": model.tuned_state_dict(), "optimizer": optimizer.state_dict(),
                     "best_val": best_val, "best_epoch": best_epoch, "best_state": best_state,
-                    "history": history, "elapsed": elapsed, "config": _comparable(cfg)}
-            atomic_write(state_path, lambda tmp: torch.save(ckpt, tmp))
+                    "history": history, "elapsed": elapsed, "identity": identity}
+            try:
+                atomic_write(state_path, lambda tmp: torch.save(ckpt, tmp))
+            except VistuneError as e:  # out of disk space: the previous epoch's checkpoint is intact
+                then = (f"then continue this run with --resume (from epoch {epoch}, the last one saved)" if epoch
+                        else "then run it again (no epoch had been saved yet)")
+                raise VistuneError(e.what, f"{e.fix}; {then}") from None
+        if on_epoch is not None:
+            on_epoch(history[-1], cfg.epochs)
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
@@ -380,7 +466,33 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     # the selected epoch's val scores (segmentation: selected on mIoU; its accuracy is the pixel accuracy)
     best = next((h for h in history if h["epoch"] == best_epoch), {})
     return TrainResult(val_accuracy=best.get("val_accuracy", best_val), best_epoch=best_epoch, epochs=cfg.epochs,
-                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"))
+                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"),
+                       timings=phases.seconds)
+
+
+class _Phases:
+    """Seconds per phase of :func:`train`; an image decoded for the first time inside a phase (by an
+    :class:`InMemory`) counts as ``decode``, not as that phase."""
+
+    def __init__(self, datasets: list):
+        self.caches = [d for d in datasets if isinstance(d, InMemory)]
+        self.seconds = {"decode": 0.0} if self.caches else {}
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), sum(c.decode_seconds for c in self.caches)
+
+    def stop(self, name: str, started: tuple[float, float]) -> None:
+        t0, d0 = started
+        decoded = sum(c.decode_seconds for c in self.caches) - d0
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0 - decoded
+        if self.caches:
+            self.seconds["decode"] += decoded
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = self.start()
+        yield
+        self.stop(name, started)
 
 
 def _tuned_buffers(model: Method) -> list[torch.Tensor]:
@@ -389,9 +501,56 @@ def _tuned_buffers(model: Method) -> list[torch.Tensor]:
     return [v for k, v in model.tuned_state_dict().items() if k not in parameters]
 
 
-def _comparable(cfg: TrainConfig) -> dict:
-    """The settings that change the result (a resume must use the same ones)."""
-    d = asdict(cfg)
-    for k in ("device", "num_workers", "cache_inputs", "grad_checkpoint"):
-        d.pop(k)
-    return d
+def train_identity(cfg: TrainConfig) -> dict:
+    """The training settings that change the result, as ``{label: value}`` (a resume must use the same ones)."""
+    runtime = ("device", "num_workers", "cache_inputs", "grad_checkpoint")
+    return {_flag(k): v for k, v in asdict(cfg).items() if k not in runtime}
+
+
+_MISSING = "(not recorded)"  # a field one of the two identities lacks
+
+
+def _corrupt(path: Path, why: str) -> VistuneError:
+    return VistuneError(f"checkpoint {path} is corrupt: {why}",
+                        "delete it or use a new --out folder (the interrupted run cannot be continued from it)")
+
+
+def _checkpoint_to_resume(path: Path | None, identity: dict, device: torch.device) -> dict:
+    """The checkpoint at ``path``, read and checked against this job's ``identity`` before any work."""
+    if path is None or not path.is_file():
+        raise VistuneError(
+            f"--resume: no checkpoint {path} to resume from",
+            "drop --resume to start a new run, or pass the --out folder of the interrupted run",
+        )
+    try:
+        with warnings.catch_warnings():  # torch's warnings about a damaged file's pickle protocol: said below
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        raise VistuneError(f"cannot read checkpoint {path}: {e.strerror or e}",
+                           "check the file's permissions, or use a new --out folder") from None
+    except Exception as e:  # torch raises many types for a damaged file; never unpickled beyond weights_only
+        raise _corrupt(path, f"torch cannot read it ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+        raise _corrupt(path, "it is not a vistune training checkpoint")
+    stored = ckpt.get("identity")
+    if not isinstance(stored, dict):
+        raise VistuneError(f"--resume: {path} does not record which job wrote it (an earlier vistune), so "
+                           "continuing it could mix two jobs", "start the run again in a new --out folder")
+    changed = [k for k in dict.fromkeys([*stored, *identity]) if stored.get(k, _MISSING) != identity.get(k, _MISSING)]
+    if changed:
+        lines = "".join(f"\n  {k}: {_shown(stored.get(k, _MISSING))} → {_shown(identity.get(k, _MISSING))}"
+                        for k in changed)
+        raise VistuneError(
+            f"--resume: {path} was written by a different job ({len(changed)} setting(s) differ, was → now):{lines}",
+            "resume with the interrupted run's settings (the values before →), or run this job in a new --out "
+            f"folder (or delete {path.parent} if the interrupted run is no longer needed)",
+        )
+    return ckpt
+
+
+def _shown(value) -> str:
+    """A value as the user reads it: text and numbers in full (two paths may differ in their last letter),
+    long lists and dicts (class names, data configs) cut short."""
+    text = value if value is _MISSING else repr(value)
+    return text if isinstance(value, str) or len(text) <= 120 else text[:117] + "…"
