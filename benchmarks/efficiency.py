@@ -23,8 +23,9 @@ Columns:
                    children run one after another while this process times the rows (with the CPU clock, their
                    load does not change this process's CPU time, only its wall time)
   infer b1, bN     eval-mode latency without gradients, / the bare timm model (with classifier), and for prompt
-                   methods / the token floor (bare × token ratio); merged: ``vistune.merge`` of the trained
-                   method, / bare (a merged model is the stock model: the target is 1.00×)
+                   methods / the token floor (bare × token ratio); merged bN: ``vistune.merge`` of the trained
+                   method / bare, paired (one merged model at a time, in turns with the bare one; a merged model
+                   is the stock model: the target is 1.00×)
 
 Clock: on a CPU the default is the process CPU time of each call (``time.process_time``, all torch threads
 together; set OMP_WAIT_POLICY=PASSIVE so that threads waiting at a barrier sleep instead of spinning), which
@@ -65,7 +66,6 @@ from _harness import NUM_CLASSES, autocast, method_config, split_methods
 DEFAULT_METHODS = ("linear,full,bias,adapter,sct,lora,ssf,pro-tuning,vpt-shallow:num_tokens=50,"
                    "vpt-deep:num_tokens=50,pgn")
 GC = " +gc"
-CHECKPOINTED = contextlib.ExitStack()  # the +gc rows' checkpointing stays on for the process's life
 
 
 @dataclass
@@ -76,18 +76,20 @@ class Row:
     module: nn.Module
     tuned_params: int
     infer: Callable[[torch.Tensor], torch.Tensor] | None = None  # eval mode, no gradients
-    merged: nn.Module | None = None
+    mergeable: bool = False
     counterpart: str | None = None  # the bare row it is compared with
     token_ratio: float | None = None
+    recompute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # +gc rows: checkpointing
     stats: dict = field(default_factory=dict)
 
     def step(self) -> None:
-        loss = self.loss()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.optimizer is not None:
-            self.optimizer.step()
+        with self.recompute():
+            loss = self.loss()
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.optimizer is not None:
+                self.optimizer.step()
 
 
 def sgd(params) -> torch.optim.Optimizer:
@@ -95,27 +97,41 @@ def sgd(params) -> torch.optim.Optimizer:
 
 
 def block_tokens(model: nn.Module, blocks: nn.Module, x: torch.Tensor) -> int:
-    """Length of the token sequence entering ``blocks[0]`` when ``model(x)`` runs."""
+    """Length of the token sequence entering ``blocks[0]`` when ``model(x)`` runs (in eval mode: a batch of one
+    cannot pass a BatchNorm in train mode, e.g. PGN's generator, and no running statistics may change)."""
     seen = []
     handle = blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        model.train(was_training)
     return seen[0]
 
 
 def build_rows(args, backbone, x, y, names: list[str], inference: bool = True) -> dict[str, Row]:
-    """The rows ``names`` on ``backbone``; with ``inference``, also their merged models and token ratios."""
-    from vistune.merge import merge
+    """The rows ``names`` on ``backbone``; with ``inference``, their inference and token ratios too.
+
+    A ``+gc`` row trains the same model as the row without it (when both are built), with checkpointing on
+    during its own steps only, so that no model is held twice."""
     from vistune.methods import METHODS, TokenTuner, adapt, count_parameters, make_config
     from vistune.training.recompute import activation_checkpointing
 
     device, amp = x.device, autocast(x.device)
     backbone.to(device)
     rows: dict[str, Row] = {}
-    bare = copy.deepcopy(backbone.model)
-    bare.reset_classifier(NUM_CLASSES)
-    bare.requires_grad_(True).to(device)
+    stock: list[nn.Module] = []
+
+    def bare() -> nn.Module:
+        """The stock timm model with a classifier (built once, when a row needs it)."""
+        if not stock:
+            model = copy.deepcopy(backbone.model)
+            model.reset_classifier(NUM_CLASSES)
+            stock.append(model.requires_grad_(True).to(device))
+        return stock[0]
 
     def ce(model):
         def loss():
@@ -137,37 +153,42 @@ def build_rows(args, backbone, x, y, names: list[str], inference: bool = True) -
                 xi = x.detach().requires_grad_(True)
                 with amp:
                     return backbone.forward_features(xi).float().sum()
-            rows[name] = Row(name, floor_loss, None, backbone.model, 0, infer=infer(bare))
+            rows[name] = Row(name, floor_loss, None, backbone.model, 0, infer=infer(bare()) if inference else None)
         elif name == "timm: full":
-            rows[name] = Row(name, ce(bare), sgd(bare.parameters()), bare,
-                             sum(p.numel() for p in bare.parameters()))
+            rows[name] = Row(name, ce(bare()), sgd(bare().parameters()), bare(),
+                             sum(p.numel() for p in bare().parameters()))
         elif name == "peft: lora":
             import peft
 
-            stock = copy.deepcopy(bare).requires_grad_(False)
-            classifier = stock.default_cfg.get("classifier", "head")
-            lora = peft.get_peft_model(stock, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"],
-                                                              modules_to_save=[classifier])).to(device)
+            frozen = copy.deepcopy(bare()).requires_grad_(False)
+            classifier = frozen.default_cfg.get("classifier", "head")
+            lora = peft.get_peft_model(frozen, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"],
+                                                               modules_to_save=[classifier])).to(device)
             rows[name] = Row(name, ce(lora), sgd(lora.parameters()), lora,
                              sum(p.numel() for p in lora.parameters() if p.requires_grad))
         else:
             spec, checkpointed = name.removesuffix(GC), name.endswith(GC)
             method, sets = method_config(spec)
-            torch.manual_seed(0)
-            model = adapt(backbone, make_config(method, sets, image_size=args.image_size), NUM_CLASSES)
-            model.prepare(TensorDataset(x.cpu(), y.cpu()), device=device, batch_size=len(x), progress=False)
-            model.to(device)
+            counterpart = {"full": "timm: full", "lora": "peft: lora"}.get(spec)
+            if checkpointed and spec in rows:
+                base = rows[spec]
+                model, optimizer = base.module, base.optimizer
+            else:
+                torch.manual_seed(0)
+                model = adapt(backbone, make_config(method, sets, image_size=args.image_size), NUM_CLASSES)
+                model.prepare(TensorDataset(x.cpu(), y.cpu()), device=device, batch_size=len(x), progress=False)
+                model.to(device)
+                optimizer = sgd(model.parameters())
+            row = Row(name, ce(model), optimizer, model, count_parameters(model)["tuned_params"],
+                      counterpart=counterpart)
             if checkpointed:
-                CHECKPOINTED.enter_context(activation_checkpointing(model, True))
-            row = Row(name, ce(model), sgd(model.parameters()), model, count_parameters(model)["tuned_params"],
-                      counterpart={"full": "timm: full", "lora": "peft: lora"}.get(spec))
-            if inference and not checkpointed:  # the same inference as the row without +gc
+                row.recompute = lambda model=model: activation_checkpointing(model, True)
+            elif inference:
                 row.infer = infer(model)
-                if METHODS[method].method_class.mergeable:
-                    row.merged = merge(model).to(device)
+                row.mergeable = METHODS[method].method_class.mergeable
                 if isinstance(model, TokenTuner) and backbone.family == "vit":
                     row.token_ratio = (block_tokens(model, model.backbone.model.blocks, x[:1])
-                                       / block_tokens(bare, bare.blocks, x[:1]))
+                                       / block_tokens(bare(), bare().blocks, x[:1]))
             rows[name] = row
     return rows
 
@@ -221,21 +242,27 @@ def rotated(names: list[str], r: int) -> list[str]:
 
 
 def measure_in_process(args, rows: dict[str, Row], x: torch.Tensor, progress: Callable[[str], None]) -> None:
+    from vistune.merge import merge
+
     timed = clock(args, x.device)
     exclude = {x.untyped_storage().data_ptr()}
     for row in rows.values():
         exclude |= {p.untyped_storage().data_ptr() for p in row.module.parameters()}
-    for row in rows.values():  # warm-up; the first call also counts the saved bytes
-        for i in range(args.warmup):
-            if i == 0:
-                loss, row.stats["saved_bytes"] = saved_bytes(row.loss, exclude)
-                if row.optimizer is not None:
-                    row.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if row.optimizer is not None:
-                    row.optimizer.step()
-            else:
-                row.step()
+    warmed: set[int] = set()
+    for row in rows.values():  # warm-up (once per model); the first forward also counts the saved bytes
+        with row.recompute():
+            loss, row.stats["saved_bytes"] = saved_bytes(row.loss, exclude)
+            if id(row.module) in warmed:
+                del loss  # a +gc row of a model already warmed up: the count was all it needed
+                continue
+            if row.optimizer is not None:
+                row.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if row.optimizer is not None:
+                row.optimizer.step()
+        for _ in range(args.warmup - 1):
+            row.step()
+        warmed.add(id(row.module))
         progress(f"warm-up {row.name}")
     names = list(rows)
     steps = {n: [] for n in names}
@@ -243,24 +270,36 @@ def measure_in_process(args, rows: dict[str, Row], x: torch.Tensor, progress: Ca
         for name in rotated(names, r):
             steps[name].append(timed(rows[name].step))
         progress(f"train round {r + 1}/{args.steps}")
+        dump(args, rows, steps=steps)
     infer_rows = [n for n in names if rows[n].infer is not None]
     infer = {(n, b): [] for n in infer_rows for b in ("b1", "bN")}
-    merged = {n: [] for n in names if rows[n].merged is not None}
     for r in range(args.steps + 1):  # the first round warms up
         for name in rotated(infer_rows, r):
-            row = rows[name]
             for b, batch in (("b1", x[:1]), ("bN", x)):
-                t = timed(lambda: row.infer(batch))
+                t = timed(lambda: rows[name].infer(batch))
                 if r:
                     infer[(name, b)].append(t)
-            if row.merged is not None:
-                t = timed(lambda: _eval(row.merged, x))
-                if r:
-                    merged[name].append(t)
         progress(f"inference round {r + 1}/{args.steps + 1}")
+    merged: dict[str, list[tuple[float, float]]] = {}
+    for name in [n for n in names if rows[n].mergeable]:  # one merged model at a time, paired with the bare one
+        model = merge(rows[name].module).to(x.device)
+        merged[name] = []
+        for r in range(args.steps + 1):
+            pair = (timed(lambda: rows["floor"].infer(x)), timed(lambda: _eval(model, x)))
+            if r:
+                merged[name].append(pair)
+        del model
+        progress(f"merged {name}")
     for name in names:
         rows[name].stats.update(steps=steps[name], infer={b: infer.get((name, b)) for b in ("b1", "bN")},
-                                merged=merged.get(name))
+                                merged_vs_bare=merged.get(name))
+
+
+def dump(args, rows: dict[str, Row], **partial) -> None:
+    """What is measured so far, to --json (a long run on a loaded machine keeps its rounds)."""
+    if args.json:
+        with open(args.json + ".partial", "w") as f:
+            json.dump({"saved_bytes": {n: r.stats.get("saved_bytes") for n, r in rows.items()}, **partial}, f)
 
 
 def _eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -282,8 +321,7 @@ def peak_child(args) -> dict:
     import vistune.merge  # noqa: F401
 
     device = torch.device(args.device)
-    if device.type == "cpu":
-        baseline = status_kib("VmRSS") / 1024
+    baseline = status_kib("VmRSS") / 1024 if device.type == "cpu" else 0.0
     _, backbone, x, y = _harness.child_inputs(args)
     row = build_rows(args, backbone, x, y, [args.peak_row], inference=False)[args.peak_row]
     if row.optimizer is not None:  # SGD's momentum buffers, as every step after the first has them
@@ -293,7 +331,7 @@ def peak_child(args) -> dict:
     if device.type == "cuda":  # everything allocated counts, the weights too (as in the CPU's resident memory)
         torch.cuda.reset_peak_memory_stats(device)
         row.step()
-        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "baseline_mb": 0.0}
+        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "baseline_mb": baseline}
     row.step()
     return {"peak_mb": status_kib("VmHWM") / 1024 - baseline, "baseline_mb": baseline}
 
@@ -301,8 +339,11 @@ def peak_child(args) -> dict:
 def measure_peaks(args, names: list[str], progress: Callable[[str], None]) -> dict[str, dict]:
     out = {}
     for name in names:
-        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--peak-row", name], capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if args.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--peak-row", name], capture_output=True,
+                             text=True, env=env)
         if res.returncode:
             progress(f"peak {name}: failed\n{res.stderr[-2000:]}")
             continue
@@ -354,7 +395,7 @@ def table(args, rows: dict[str, Row], peaks: dict[str, dict]) -> str:
         s = row.stats
         infer = {b: statistics.median(s["infer"][b]) / bare_infer[b] if s["infer"][b] else None for b in ("b1", "bN")}
         token_floor = infer["bN"] / row.token_ratio if row.token_ratio and infer["bN"] else None
-        merged = statistics.median(s["merged"]) / bare_infer["bN"] if s["merged"] else None
+        merged = statistics.median(m / b for b, m in s["merged_vs_bare"]) if s["merged_vs_bare"] else None
         peak = peaks.get(name, {}).get("peak_mb")
         lines.append(" | ".join([
             f"| {name}", f"{row.tuned_params:,}", f"{1000 * statistics.median(s['steps']):.0f}",
@@ -380,6 +421,9 @@ def main():
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="cpu: process CPU time (default on a CPU); wall: wall time (default on CUDA)")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                   help="run the peak children with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_): their "
+                        "peak is then the live memory, without the heap's fragmentation")
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     p.add_argument("--peak-row", help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
