@@ -99,6 +99,51 @@ def test_qv_on_fused_qkv_changes_only_the_q_and_v_rows(tiny_backbones):
     assert not torch.equal(merged.weight[2 * d:], stock.weight[2 * d:])
 
 
+def _three_gemm_forward(self, x):
+    """SplitQKV's forward before the fused GEMM: every child computes its own rows."""
+    return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+@pytest.mark.parametrize("name,sets", [("lora", {"targets": "qv"}), ("lora", {"targets": "qkv", "dropout": "0.1"}),
+                                       ("lora", {"targets": "k"}), ("dora", {"targets": "qv"}),
+                                       ("dora", {"targets": "qv", "dropout": "0.1"}), ("ia3", {})])
+def test_one_fused_gemm_computes_what_three_row_gemms_computed(tiny_backbones, monkeypatch, kind, name, sets):
+    model = _adapted(tiny_backbones(kind), name, **sets).train()
+    gemms = []
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: gemms.append(self) or
+                        torch.nn.functional.linear(x, self.weight, self.bias))
+
+    def logits_and_grads():
+        torch.manual_seed(1)  # the same dropout masks
+        model.zero_grad()
+        logits = model(X)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, grads = logits_and_grads()
+    split = [m for m in model.modules() if isinstance(m, SplitQKV)]
+    assert not any(isinstance(g, FusedSlice) for g in gemms)  # no GEMM over the row slices …
+    assert sum(g is s.fused for g in gemms for s in split) == len(split)  # … one fused GEMM per block
+    monkeypatch.setattr(SplitQKV, "forward", _three_gemm_forward)
+    reference_logits, reference_grads = logits_and_grads()
+    assert (logits - reference_logits).abs().max() < 1e-6
+    for key, grad in grads.items():
+        assert torch.allclose(grad, reference_grads[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_a_fused_slice_called_on_another_input_runs_its_own_gemm(tiny_backbones):
+    """e.g. IA3's feed-forward form scales the input before its base layer sees it."""
+    split = _adapted(tiny_backbones("vit"), "lora", targets="qv").backbone.model.blocks[0].attn.qkv
+    tokens, other = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    k = split.k
+    k._computed = (tokens, torch.zeros(2, 5, 32))
+    with torch.no_grad():
+        assert torch.equal(k(tokens), torch.zeros(2, 5, 32))
+        assert torch.allclose(k(other), torch.nn.functional.linear(other, k.weight, k.bias))
+    k._computed = None
+
+
 @pytest.mark.parametrize("name", PEFT_METHODS)
 def test_step_zero_is_the_frozen_model(tiny_backbones, name):
     for kind in ("vit", "efficientnet"):

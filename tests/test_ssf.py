@@ -1,12 +1,17 @@
-"""SSF: which ops it follows, step 0 = frozen model, y = γ ⊙ op(x) + β, and the paper's init."""
+"""SSF: which ops it follows, step 0 = frozen model, y = γ ⊙ op(x) + β (on the op's output or folded, per op type),
+what it saves for the backward, and the paper's init."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
+from timm.layers import ScaledStdConv2d, StdConv2d
+from torch.func import functional_call
 
 from conftest import IMAGE_SIZE
 from vistune.methods import adapt, make_config
-from vistune.methods.ssf import ScaleShift
+from vistune.methods.ssf import ScaleShift, ssf_ops
 
 X = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
 
@@ -68,3 +73,89 @@ def test_paper_init_draws_around_identity(tiny_backbones):
     shifts = torch.cat([m.shift for m in model.modules() if isinstance(m, ScaleShift)])
     assert 0.01 < scales.std() < 0.03 and abs(scales.mean() - 1) < 0.01
     assert 0.01 < shifts.std() < 0.03 and abs(shifts.mean()) < 0.01
+
+
+def _folded_forward(self, *args, **kwargs):
+    """The form SSF ran in before vistune 0.2 on every op: the op with γ ⊙ W and γ ⊙ b + β folded in."""
+    return functional_call(self.inner, self.folded(), args, kwargs)
+
+
+def _logits_and_grads(model):
+    model.zero_grad()
+    logits = model(X)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_reg_avg", "deit_distilled", "swin", "efficientnet", "resnet",
+                                  "convnext", "mobilenet"])
+def test_output_side_form_computes_what_the_folded_form_computes(tiny_backbones, kind, monkeypatch):
+    torch.manual_seed(0)
+    model = adapt(tiny_backbones(kind), make_config("ssf", {"init": "paper"}), 3)
+    with torch.no_grad():  # γ and β well away from their init
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    logits, grads = _logits_and_grads(model)  # a backward too: no in-place op overwrites a saved output
+    monkeypatch.setattr(ScaleShift, "forward", _folded_forward)
+    folded_logits, folded_grads = _logits_and_grads(model)
+    assert (logits - folded_logits).abs().max() < 1e-5
+    for name, grad in grads.items():
+        assert torch.allclose(grad, folded_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def _saved_bytes(fn, exclude) -> int:
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in exclude:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_a_vit_block_saves_only_the_proj_and_fc2_outputs_more_than_the_frozen_block(tiny_backbones, monkeypatch):
+    """qkv's and fc1's scale-shift save their output, which attention (q/k/v views) and the GELU save anyway; proj's
+    and fc2's are the only new tensors (plus the norms' folded weight vectors). The folded form saved every op input."""
+    backbone = tiny_backbones("vit")
+    model = adapt(backbone, make_config("ssf"), 3)
+    tokens = torch.randn(3, 17, 32, requires_grad=True)
+    exclude = {p.untyped_storage().data_ptr() for p in [*backbone.model.parameters(), *model.parameters(), tokens]}
+    frozen = _saved_bytes(lambda: backbone.model.blocks[0](tokens), exclude)
+    extra = _saved_bytes(lambda: model.backbone.model.blocks[0](tokens), exclude) - frozen
+    token_tensor = tokens.numel() * 4
+    assert 2 * token_tensor <= extra <= 2 * token_tensor + 4 * 32 * 4  # + 2 LayerNorms' folded weight and bias
+    monkeypatch.setattr(ScaleShift, "forward", _folded_forward)
+    assert _saved_bytes(lambda: model.backbone.model.blocks[0](tokens), exclude) - frozen >= 4 * token_tensor
+
+
+def test_the_scale_shift_keeps_the_ops_precision_under_autocast(tiny_backbones):
+    fc1 = adapt(tiny_backbones("vit"), make_config("ssf", {"init": "paper"}), 3).backbone.model.blocks[0].mlp.fc1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fc1(torch.randn(2, 5, fc1.inner.in_features))
+    assert out.dtype == torch.bfloat16  # not promoted to fp32 by the fp32 scale
+
+
+def test_scaled_weight_standardised_convs_scale_their_output_and_merge_into_their_gain():
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(4, 6, 3, padding=1)
+    wrapper = ScaleShift(conv, "paper")
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = conv(x) * wrapper.scale.view(1, -1, 1, 1) + wrapper.shift.view(1, -1, 1, 1)
+        assert torch.allclose(wrapper(x), expected, atol=1e-5)
+        # γ folded into W (vistune 0.1's form on every op) is undone by the standardisation: not SSF
+        folded_into_w = functional_call(conv, {"weight": conv.weight * wrapper.scale.view(-1, 1, 1, 1),
+                                               "bias": conv.bias * wrapper.scale + wrapper.shift}, (x,))
+        assert not torch.allclose(folded_into_w, expected, atol=1e-3)
+        merged = copy.deepcopy(wrapper).merged()
+        assert type(merged) is ScaledStdConv2d and torch.allclose(merged(x), expected, atol=1e-5)
+
+
+def test_weight_standardised_convs_without_a_gain_are_not_ssf_ops():
+    model = torch.nn.Sequential(StdConv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4))
+    assert ssf_ops(model) == ["1"]

@@ -106,6 +106,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on CPU where it is slower)")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block's activations in the backward: less memory, more time per step "
+                        "(same gradients; a runtime setting, not saved)")
 
 
 def train_config(args):
@@ -116,4 +119,5 @@ def train_config(args):
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         select=args.select, seed=args.seed, device=args.device, amp=args.amp, num_workers=args.workers,
+        grad_checkpoint=args.grad_checkpoint,
     )

@@ -10,6 +10,12 @@ rows of the frozen fused weight (no copy, nothing extra in the state_dict); peft
 ``…qkv.q`` and ``…qkv.v`` like any Linear, so only the Q and V output rows ever change. Merging
 folds the three back into one plain Linear (see :mod:`vistune.merge`).
 
+The forward still runs **one** frozen fused GEMM: :class:`SplitQKV` computes the fused output once and
+hands each peft layer its rows as the output of its base layer (``FusedSlice.forward`` returns them
+for that very input), so peft's own layer adds its update (LoRA's B·A x, DoRA's magnitude, IA3's
+scaling) to rows it did not recompute. Three GEMMs over the row slices computed the same values with
+three outputs and a copy more per block.
+
 Targets are readable presets joined by ``+`` (e.g. ``qv+mlp``):
   transformer views (ViT, EVA, BEiT, Swin V1/V2)
             q, k, v, qv, kv, qkv, proj, attn (= qkv+proj), fc1 (every Linear of the MLP but fc2: SwiGLU's
@@ -67,6 +73,14 @@ class FusedSlice(nn.Linear, Foldable):
         self.in_features, self.out_features = fused.in_features, stop - start
         self._fused = Borrowed(fused)  # SplitQKV owns it
         self._rows = slice(start, stop)
+        self._computed: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, these rows of its fused output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """These rows of the fused output when SplitQKV has just computed it for this very ``x``; else the GEMM
+        (e.g. IA3's feed-forward form scales the input before the base layer sees it)."""
+        if self._computed is not None and self._computed[0] is x:
+            return self._computed[1]
+        return super().forward(x)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -98,9 +112,22 @@ class SplitQKV(nn.Module, Foldable):
         d = fused.out_features // 3
         self.fused = fused  # the stock module: its tensors stay frozen backbone tensors
         self.q, self.k, self.v = (FusedSlice(fused, i * d, (i + 1) * d) for i in range(3))
+        self._slices = Borrowed((self.q, self.k, self.v))  # still reachable once peft wraps q/k/v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        """cat(q(x), k(x), v(x)) from one fused GEMM: each child that peft wraps gets its rows as its base output."""
+        rows = self.fused(x).split(self.fused.out_features // 3, dim=-1)
+        outputs = []
+        for child, base, part in zip((self.q, self.k, self.v), self._slices.value, rows):
+            if child is base:  # not adapted: the fused rows themselves
+                outputs.append(part)
+                continue
+            base._computed = (x, part)
+            try:
+                outputs.append(child(x))
+            finally:
+                base._computed = None
+        return torch.cat(outputs, dim=-1)
 
     def merged(self) -> nn.Linear:
         """One plain Linear again (called once q/k/v hold plain, merged Linears)."""

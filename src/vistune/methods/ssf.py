@@ -3,13 +3,33 @@
 y = γ ⊙ op(x) + β per output channel, for every op whose output is affine in its own weight and
 bias: Linear and Conv2d with a bias, and LayerNorm / BatchNorm / GroupNorm with affine weights (on
 ViT-B/16: patch embedding, qkv, proj, fc1, fc2, both LayerNorms of each block and the final norm).
-Since such an op is affine, γ ⊙ op(x) + β is the same op with weight γ ⊙ W and bias γ ⊙ b + β, so we
-run the stock module with those (``torch.func.functional_call``): this works inside any timm module
-(e.g. BatchNormAct2d, whose activation follows the norm) and *is* the re-parameterised form that
-merging writes into the weights. Ops without a bias (Swin's patch-merging reduction, EfficientNet's
-convs, which are followed by a BatchNorm that SSF covers) are left out: folding a shift into them
-would add a bias the stock model does not have. Weight-standardised convs (BiT, NFNet, hybrid ViT stems)
-are left out too: they normalise their weight per output channel, which would cancel a folded scale.
+Ops without a bias (Swin's patch-merging reduction, EfficientNet's convs, which are followed by a
+BatchNorm that SSF covers) are left out: folding a shift into them would add a bias the stock model
+does not have.
+
+How each op runs in training, and why (the form is chosen per op type, see :class:`ScaleShift`):
+
+- **Linear, Conv2d: on the op's output**, γ ⊙ op(x) + β on the output channel dim (last for a
+  Linear, dim 1 for a Conv2d). The frozen op then needs no weight gradient and saves no input, so
+  SSF costs about what a frozen backbone's backward costs. Folding γ into W instead (γ ⊙ W) would make
+  autograd compute every full weight gradient and save every op input, as full fine-tuning does. A
+  Linear's scale-shift saves its *output* z, not op(x): γ's gradient is Σ g ⊙ (z − β) / γ, and the
+  next op usually saves z anyway (attention's q/k/v are views of the qkv output; the MLP's activation
+  saves the fc1 output), so the two share one tensor. A Conv2d's saves op(x) (CNNs often overwrite a
+  conv's output with an in-place activation, which a saved output would not survive).
+- **Weight-standardised convs.** timm's ``StdConv2d``/``StdConv2dSame`` standardise W on every forward,
+  which undoes a scale folded into W: the folded form computed sign(γ) ⊙ conv(x) + γ ⊙ b + β there, not
+  SSF, and no same-type merged form exists, so SSF leaves them out (timm builds them without a bias
+  anyway). ``ScaledStdConv2d`` (NFNets) scales the standardised W by its own per-channel ``gain``:
+  SSF runs on its output and merges into ``gain``.
+- **Norm layers: folded**, the norm run with weight γ ⊙ w and bias γ ⊙ b + β
+  (``torch.func.functional_call``). That is exactly γ ⊙ norm(x) + β, and it stays exact inside timm's
+  fused norm + activation modules (``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``), where SSF
+  scales the norm's output *before* the activation, which running on the module's output could not
+  do. Folding vectors costs nothing, and a norm's backward does the same work either way.
+
+Merging (:meth:`ScaleShift.merged`) always folds: W ← γ ⊙ W (``ScaledStdConv2d``: gain ← γ ⊙ gain),
+b ← γ ⊙ b + β, the same module type.
 
 Init: γ = 1, β = 0 (default), so step 0 is exactly the frozen model; ``init=paper`` draws
 γ ~ N(1, 0.02), β ~ N(0, 0.02) as the official code.
@@ -29,8 +49,9 @@ from ..errors import VistuneError
 from .base import Foldable, MethodConfig, ModuleTuner, option, register
 
 AFFINE_OPS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-# convs that standardise their weight per output channel before use: a scale folded into it would cancel
-WEIGHT_STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+OUTPUT_SIDE_OPS = (nn.Linear, nn.Conv2d)  # run as γ ⊙ op(x) + β; the others (norms) run folded
+STANDARDISED_CONVS = (StdConv2d, StdConv2dSame)  # standardisation undoes a folded scale: not SSF's ops
+GAIN_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame)  # the scale folds into their per-channel gain
 
 
 @dataclass
@@ -39,8 +60,31 @@ class SSFConfig(MethodConfig):
         "identity", "identity: scale 1, shift 0 (step 0 = frozen model); paper: scale N(1, 0.02), shift N(0, 0.02)")
 
 
+class ScaleShiftFromOutput(torch.autograd.Function):
+    """z = op_output ⊙ γ + β on the last dim, saving z (not op_output) for the backward.
+
+    γ's gradient needs op_output = (z − β) / γ: Σ g ⊙ z − β ⊙ Σ g, divided by γ. Saving z costs nothing
+    where the next op saves it too (a shared tensor), so the scale-shift adds no activation memory there.
+    γ is a scale that stays near 1 (init 1 or N(1, 0.02)); an exact zero would give an inf gradient, which
+    the trainer stops on as a divergence."""
+
+    @staticmethod
+    def forward(ctx, op_output: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        out = torch.addcmul(shift, op_output, scale)
+        ctx.save_for_backward(out, scale, shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, scale, shift = ctx.saved_tensors
+        dims = tuple(range(grad.ndim - 1))
+        grad_shift = grad.sum(dims)
+        grad_scale = ((grad * out).sum(dims) - shift * grad_shift) / scale
+        return grad * scale, grad_scale, grad_shift
+
+
 class ScaleShift(nn.Module, Foldable):
-    """Runs a frozen affine op with weight γ ⊙ W and bias γ ⊙ b + β: exactly γ ⊙ op(x) + β."""
+    """γ ⊙ op(x) + β around a frozen op: on the output of a Linear/Conv2d, folded into a norm's affine."""
 
     def __init__(self, inner: nn.Module, init: str):
         super().__init__()
@@ -54,13 +98,23 @@ class ScaleShift(nn.Module, Foldable):
             nn.init.normal_(self.shift, std=0.02)
 
     def folded(self) -> dict[str, torch.Tensor]:
-        """The op's weight and bias with the scale and shift folded in."""
-        w = self.inner.weight
-        scale = self.scale.view(-1, *[1] * (w.ndim - 1))
-        return {"weight": w * scale, "bias": self.inner.bias * self.scale + self.shift}
+        """The op's parameters with the scale and shift folded in (its merged form)."""
+        if isinstance(self.inner, GAIN_CONVS):
+            scaled = {"gain": self.inner.gain * self.scale.view(-1, 1, 1, 1)}
+        else:
+            w = self.inner.weight
+            scaled = {"weight": w * self.scale.view(-1, *[1] * (w.ndim - 1))}
+        return {**scaled, "bias": self.inner.bias * self.scale + self.shift}
 
     def forward(self, *args, **kwargs):
-        return functional_call(self.inner, self.folded(), args, kwargs)
+        if not isinstance(self.inner, OUTPUT_SIDE_OPS):
+            return functional_call(self.inner, self.folded(), args, kwargs)
+        out = self.inner(*args, **kwargs)
+        # in the op's precision (bf16 under autocast), as the folded op computed; γ's gradient returns in fp32
+        scale, shift = self.scale.to(out.dtype), self.shift.to(out.dtype)
+        if isinstance(self.inner, nn.Linear):
+            return ScaleShiftFromOutput.apply(out, scale, shift)
+        return torch.addcmul(shift.view(-1, 1, 1), out, scale.view(-1, 1, 1))
 
     def __getattr__(self, name: str):
         # some timm modules read their op's attributes (kernel_size, weight.device) around its call
@@ -70,7 +124,7 @@ class ScaleShift(nn.Module, Foldable):
             return getattr(super().__getattr__("inner"), name)
 
     def merged(self) -> nn.Module:
-        """The op itself with the folded weight and bias (same module type, same cost)."""
+        """The op itself with the folded parameters (same module type, same cost)."""
         with torch.no_grad():
             for name, value in self.folded().items():
                 setattr(self.inner, name, nn.Parameter(value.detach().clone(), requires_grad=False))
@@ -84,7 +138,7 @@ def ssf_ops(model: nn.Module) -> list[str]:
         if any(name.startswith(p + ".") for p in inside):
             continue  # a targeted op's own children (e.g. BatchNormAct2d's activation)
         has_affine = getattr(m, "weight", None) is not None and getattr(m, "bias", None) is not None
-        if isinstance(m, AFFINE_OPS) and not isinstance(m, WEIGHT_STANDARDISED) and has_affine:
+        if isinstance(m, AFFINE_OPS) and has_affine and not isinstance(m, STANDARDISED_CONVS):
             names.append(name)
             inside.append(name)
     return names

@@ -39,6 +39,7 @@ from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
 from . import distributed
 from .metrics import confusion_matrix, scores_from_confusion
+from .recompute import honours_grad_checkpoint
 
 STATE_FILE = "train_state.pt"
 # what every checkpoint holds besides its job identity
@@ -96,6 +97,7 @@ class TrainConfig:
     num_workers: int = 0
     cache_inputs: bool = True  # keep decoded, transformed images in memory (only without augmentation)
     cache_features: bool = True  # head-only methods without augmentation: run the frozen backbone once
+    grad_checkpoint: bool = False  # recompute block activations in the backward (less memory, more time; see .recompute)
 
     DEFAULT_LR = {"sgd": 1.0, "adamw": 1e-3}
 
@@ -122,7 +124,7 @@ class TrainConfig:
         if not isinstance(self.device, str):
             _refuse("device", self.device, "a string", "use cpu, cuda, cuda:N or auto")
         _whole(self.num_workers, "num_workers", 0, "e.g. --workers 4 (0: load in the main process)")
-        for name in ("lr_scaling", "cache_inputs", "cache_features"):
+        for name in ("lr_scaling", "cache_inputs", "cache_features", "grad_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 _refuse(name, getattr(self, name), "True or False", f"pass {name}=True or {name}=False")
         if self.amp is not None and not isinstance(self.amp, bool):
@@ -318,6 +320,7 @@ def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> d
             "iou": scores["iou"], "loss": summed[-1] / max(1.0, pixels), "n": int(summed[-2])}
 
 
+@honours_grad_checkpoint
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           augment: bool = False, batch_transform=None,
@@ -500,7 +503,8 @@ def _tuned_buffers(model: Method) -> list[torch.Tensor]:
 
 def train_identity(cfg: TrainConfig) -> dict:
     """The training settings that change the result, as ``{label: value}`` (a resume must use the same ones)."""
-    return {_flag(k): v for k, v in asdict(cfg).items() if k not in ("device", "num_workers", "cache_inputs")}
+    runtime = ("device", "num_workers", "cache_inputs", "grad_checkpoint")
+    return {_flag(k): v for k, v in asdict(cfg).items() if k not in runtime}
 
 
 _MISSING = "(not recorded)"  # a field one of the two identities lacks
