@@ -9,6 +9,9 @@ Example (the table in docs/backbones.md, on a GPU, tasks run in parallel process
   python benchmarks/transfer.py --backbone vistune/vit-tiny-cifar10 \
       --tasks fashion-mnist,mnist5k,digits,shapes-loc,shapes-ori,clevr-count \
       --methods linear,full,partial-1,mlp-3,bias,adapter,vpt-shallow,vpt-deep --random-init-baseline
+
+``--lr-grid default`` trains each method once, at its own default lr (a reduced protocol for a CPU); each task's
+process uses $OMP_NUM_THREADS threads (default 2).
 """
 from __future__ import annotations
 
@@ -20,7 +23,23 @@ import sys
 import time
 
 SGD_GRID = [0.1, 0.5, 2.0]
-ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # methods that default to AdamW
+ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # other AdamW methods: their default × {¼, 1, 4}
+
+
+def lr_grid(method: str, grid: str) -> list[float | None]:
+    """The base lrs to try: ``--lr-grid default`` = the method's own default only (None), else the protocol's."""
+    from vistune.methods import resolve_method
+    from vistune.training import TrainConfig
+
+    if grid == "default":
+        return [None]
+    cls = resolve_method(method)[0].method_class
+    if cls.default_optimizer == "sgd":
+        return SGD_GRID
+    if method in ADAMW_GRIDS:
+        return ADAMW_GRIDS[method]
+    base = cls.default_lrs.get("adamw", TrainConfig.DEFAULT_LR["adamw"])
+    return [base / 4, base, base * 4]
 
 
 def run_task(args) -> list[dict]:
@@ -44,7 +63,7 @@ def run_task(args) -> list[dict]:
             train_tf, eval_tf = transforms_for(preprocessing_for(backbone, probe))
             data = load_data(args.task, train_transform=train_tf, eval_transform=eval_tf, train_size=800,
                              val_size=200, test_size=args.test_size, seed=args.seed)
-        grid = ADAMW_GRIDS.get(method, SGD_GRID)
+        grid = lr_grid(method, args.lr_grid)
         best = None
         for lr in grid:
             job = Job(backbone=args.backbone, method=method, data=args.task, random_init=random_init,
@@ -55,9 +74,9 @@ def run_task(args) -> list[dict]:
             except TrainingDiverged as e:  # a diverged grid point is a failed setting, not a failed sweep
                 print(f"{args.task} {label} lr={lr}: {e.what}", file=sys.stderr)
                 continue
-            m.pop("model")
+            model = m.pop("model")
             if best is None or m["val_accuracy"] > best["val_accuracy"]:
-                best = {**m, "lr": lr}
+                best = {**m, "lr": job.train.base_lr(model)}  # the base lr it ran with (its default for None)
         rows.append({"task": args.task, "method": label, "val": best["val_accuracy"], "test": best["test_accuracy"],
                      "lr": best["lr"], "tuned_params": best["tuned_params"],
                      "tuned_params_excluding_head": best["tuned_params_excluding_head"],
@@ -73,6 +92,10 @@ def main():
     p.add_argument("--methods", default="linear,full,partial-1,mlp-3,bias,adapter,vpt-shallow,vpt-deep")
     p.add_argument("--random-init-baseline", action="store_true")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr-grid", choices=["protocol", "default"], default="protocol",
+                   help="protocol: select the lr on val from the grid (SGD 0.1/0.5/2.0, AdamW methods: their "
+                        "default × ¼, 1, 4, or the listed grids); default: each method's own default lr only "
+                        "(a reduced protocol)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +111,7 @@ def main():
     for task in args.tasks.split(","):
         cmd = [sys.executable, __file__, "--task", task] + sys.argv[1:]
         procs[task] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                       env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     rows = []
     for task, proc in procs.items():
         out, _ = proc.communicate()
@@ -105,7 +128,8 @@ def main():
 def _print(rows, args, seconds):
     tasks = [t for t in args.tasks.split(",") if any(r["task"] == t for r in rows)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    print(f"\n{args.backbone}: test top-1 (%) of the val-selected lr, 800 train / 200 val / ≤{args.test_size} "
+    selected = "each method's default lr" if args.lr_grid == "default" else "the val-selected lr"
+    print(f"\n{args.backbone}: test top-1 (%) of {selected}, 800 train / 200 val / ≤{args.test_size} "
           f"test, {args.epochs} epochs, seed {args.seed}; {seconds / 60:.1f} min wall")
     print("| method | tuned params (excl. head) | " + " | ".join(tasks) + " | mean |")
     print("|---|---:|" + "---:|" * (len(tasks) + 1))

@@ -65,3 +65,25 @@ def test_weight_space_formulas(vit_b16, name, overrides, expected):
 def test_lora_qv_count_is_294912_and_ssf_205824(vit_b16):
     assert count_parameters(adapt(vit_b16, make_config("lora"), C))["tuned_params_excluding_head"] == 294_912
     assert count_parameters(adapt(vit_b16, make_config("ssf"), C))["tuned_params_excluding_head"] == 205_824
+
+
+# ---- the adapter family at each paper's / official code's default setting (ViT-B/16, 12 blocks, D = 768) ----
+@pytest.mark.parametrize("name,overrides,expected", [
+    # AdaptFormer, official code (models/custom_modules.py: ffn_num=64): down D·64 + 64, up 64·D + D per block
+    ("adaptformer", {}, L * (2 * D * 64 + 64 + D)),  # = 1,189,632
+    # at h = 8: the "AdaptFormer 0.16" (M) row of the Convpass report's Table 1 (VTAB-1k, h = 8 for all adapters)
+    ("adaptformer", {"bottleneck": 8}, L * (2 * D * 8 + 8 + D)),  # = 156,768
+    # Convpass report §3.2: 2L((2h + 1)d + 9h² + 2h) with h = 8; its Table 1: "Convpass 0.33" (M)
+    ("convpass", {}, 2 * L * ((2 * 8 + 1) * D + 9 * 8 ** 2 + 2 * 8)),  # = 327,552
+    # Houlsby et al. §2.1: 2md + d + m per adapter, two per layer (h = m = 8), + every LayerNorm (2L + 1 of them)
+    ("houlsby", {}, L * 2 * (2 * 8 * D + D + 8) + (2 * L + 1) * 2 * D),  # = 313,536 + 38,400 = 351,936
+    # Adapter+, official config (conf/adapter/adapter_plus.yaml, dim 8): down, up, channel scale D, one per block
+    ("adapter-plus", {}, L * (2 * 8 * D + 8 + D + D)),  # = 165,984
+    # RepAdapter, official code (repadapter.py: hidden_dim 8, groups 2, before attn and mlp): A D·8 + 8, B D·4 + D
+    ("repadapter", {}, L * 2 * (D * 8 + 8 + D * 8 // 2 + D)),  # = 239,808 (221,184 weights + 18,624 biases)
+])
+def test_adapter_family_formulas(vit_b16, name, overrides, expected):
+    counts = count_parameters(adapt(vit_b16, make_config(name, overrides), C))
+    assert counts["tuned_params_excluding_head"] == expected
+    assert counts["tuned_params"] == expected + HEAD
+

@@ -77,7 +77,8 @@ class BackboneView(nn.Module):
     """A frozen timm model seen through the interface every method uses: the generic view of any timm model.
 
     Family views subclass it, set ``family`` and the ``seams`` they offer token tuners (``"tokens"``: the token
-    sequence, ``forward_tokens``; ``"window-prompts"``: extra keys/values in window attention), and set
+    sequence, ``forward_tokens``; ``"window-prompts"``: extra keys/values in window attention) and module tuners
+    (``"attn-mlp"``: ``blocks()`` are transformer blocks with ``attn`` and ``mlp`` sub-layers), and set
     ``transformer`` when their ``blocks()`` are pre-norm transformer blocks (``attn`` + ``mlp``), where module
     tuners keep their transformer placements (adapter after the FFN, LoRA on W_q/W_v, ...).
     """

@@ -111,7 +111,7 @@ class PromptedWindowAttentionV2(PromptedWindowAttention):
 
 class SwinView(BackboneView):
     family = "swin"
-    seams = frozenset({"window-prompts"})
+    seams = frozenset({"window-prompts", "attn-mlp"})
     transformer = True
 
     def stages(self) -> list[nn.Module]:

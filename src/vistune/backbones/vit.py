@@ -17,7 +17,7 @@ from .base import BackboneView
 
 class ViTView(BackboneView):
     family = "vit"
-    seams = frozenset({"tokens"})
+    seams = frozenset({"tokens", "attn-mlp"})
     transformer = True
 
     @property

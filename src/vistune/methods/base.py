@@ -379,7 +379,8 @@ def register(name: str, *, category: str, needs: tuple[str, ...] = (), descripti
     """Class decorator adding a Method subclass to the registry under ``name``.
 
     ``needs``: the view seams the method can run on, any one of them (``"tokens"``: the token sequence of ViT,
-    EVA and BEiT; ``"window-prompts"``: prompt keys/values in Swin's window attention). Leave it empty for a
+    EVA and BEiT; ``"window-prompts"``: prompt keys/values in Swin's window attention; ``"attn-mlp"``: transformer
+    blocks with ``attn`` and ``mlp`` sub-layers, on ViT, EVA, BEiT and Swin V1/V2). Leave it empty for a
     method that needs nothing but timm's own interfaces and module types: it runs on every view, including a
     family view added later."""
     if category not in CATEGORIES:
