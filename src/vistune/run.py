@@ -184,7 +184,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         model.prepare(data.train.with_transform(eval_tf), device=device,
                       batch_size=max(64, job.train.batch_size), progress=progress)
     result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
-                   augment=job.augment, on_step=on_step)
+                   augment=job.augment, on_step=on_step, notify=notify)
     wall = time.perf_counter() - t0
     test = None
     if data.test is not None:
@@ -212,8 +212,9 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "peak_memory_mb": peak_memory_mb(device),
         "epochs": job.train.epochs,
         "seed": job.train.seed,
-        "train_config": {**asdict(job.train), "effective_lr": job.train.effective_lr(model),
+        "train_config": {**asdict(job.train), "base_lr": result.base_lr, "effective_lr": result.effective_lr,
                          "optimizer": job.train.resolved_optimizer(model)},
+        "lr_search": result.lr_search,  # --lr auto: the candidates, their val scores and the choice
         "preprocessing": prep,
         "history": result.history,
         "device": str(device),
