@@ -20,7 +20,7 @@ import sys
 import time
 
 SGD_GRID = [0.1, 0.5, 2.0]
-ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # methods that default to AdamW
+ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # trained with AdamW; the rest with SGD
 
 
 def run_task(args) -> list[dict]:
@@ -49,7 +49,8 @@ def run_task(args) -> list[dict]:
         for lr in grid:
             job = Job(backbone=args.backbone, method=method, data=args.task, random_init=random_init,
                       image_size=args.image_size,
-                      train=TrainConfig(epochs=args.epochs, batch_size=32, lr=lr, seed=args.seed, device=args.device))
+                      train=TrainConfig(epochs=args.epochs, batch_size=32, lr=lr, seed=args.seed, device=args.device,
+                                        optimizer="adamw" if method in ADAMW_GRIDS else "sgd"))
             try:
                 m = run_job(job, backbone=backbone, data=data, progress=False)
             except TrainingDiverged as e:  # a diverged grid point is a failed setting, not a failed sweep

@@ -98,6 +98,8 @@ class PromptedWindowAttention(nn.Module):
           description="VPT-shallow: p prompt tokens before block 1 (ViT); prompt keys/values in block 1 (Swin)")
 class VPTShallow(TokenTuner, ModuleTuner):
     """A token tuner on the ViT family; on Swin a module tuner (prompted window attention)."""
+    default_optimizer = "sgd"  # VPT's recipe; docs/defaults.md: measured against the lr grid
+    default_lrs = {"sgd": 1.0}  # base lr (× batch/256)
 
     Config = VPTConfig
     deep = False
