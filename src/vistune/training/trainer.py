@@ -1,7 +1,7 @@
-"""The trainer: VPT's recipe by default, val-based selection, resumable checkpoints.
+"""The trainer: VPT's schedule with each method's measured defaults, val-based selection, resumable checkpoints.
 
-Recipe (VPT): SGD momentum 0.9, lr = base_lr × batch/256, linear warm-up then cosine stepped per
-epoch, no weight decay on biases and norm parameters. AdamW is selectable. A method's own defaults come from
+Recipe (VPT's): lr = base_lr × batch/256, linear warm-up then cosine stepped per epoch, no weight decay on
+biases and norm parameters; SGD momentum 0.9 or AdamW (most methods default to AdamW). A method's own defaults come from
 its class (the Method contract, methods/base.py): ``default_optimizer``, ``default_lrs``,
 ``default_warmup_fraction`` (docs/defaults.md measures them). The warm-up is that fraction of the run in whole
 epochs (VPT); a run too short for one whole warm-up epoch (fewer than 5 epochs at 10%) warms up over that
