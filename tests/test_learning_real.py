@@ -46,8 +46,10 @@ def splits(backbone, name: str, image_size: int):
 
 def fit(backbone, data, name: str, image_size: int, method: str, *, epochs: int, lr: float,
         overrides: dict | None = None) -> dict:
+    """An SGD run (VPT's recipe: every lr and threshold here was measured with SGD)."""
     job = Job(backbone=backbone.spec.name, method=method, data=name, image_size=image_size,
-              overrides=overrides or {}, train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, device="cpu", seed=0))
+              overrides=overrides or {}, train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, optimizer="sgd",
+                                                           device="cpu", seed=0))
     metrics = run_job(job, backbone=backbone, data=data, progress=False)
     print(f"\n{backbone.spec.name} ({backbone.spec.source}) {method} on {name}@{image_size}px: "
           f"val {metrics['val_accuracy']:.3f}, test {metrics['test_accuracy']:.3f}, {metrics['wall_seconds']:.0f} s")

@@ -200,7 +200,7 @@ def test_pad_prompts_beat_linear_probe_on_real_imagenet_lite0():
     for method, lr in (("linear", 0.1), ("vpt-pad", 0.5)):
         job = Job(backbone="tf_efficientnet_lite0", method=method, data="digits", image_size=64,
                   overrides={"width": 4} if method == "vpt-pad" else {},
-                  train=TrainConfig(epochs=10, batch_size=32, lr=lr, seed=0))
+                  train=TrainConfig(epochs=10, batch_size=32, lr=lr, optimizer="sgd", seed=0))
         acc[method] = run_job(job, backbone=backbone, data=data, progress=False)["test_accuracy"]
     assert acc["linear"] >= 0.83
     assert acc["vpt-pad"] >= acc["linear"] + 0.005

@@ -27,7 +27,8 @@ from .training import TrainConfig
 from .training.trainer import STATE_FILE, resolve_device
 
 BACKBONE = "tf_efficientnet_lite0"
-# (method, --set options, epochs, base lr): lrs picked on the val split of this task
+# (method, --set options, epochs, base lr): SGD lrs picked on the val split of this task (the demo trains with
+# SGD, VPT's recipe, so its table stays what README.md measured; the methods' own defaults are docs/defaults.md's)
 DEMO_METHODS = [
     ("linear", {}, 50, 0.5),
     ("mlp-2", {}, 30, 0.5),
@@ -96,7 +97,7 @@ def _demo(out: str, quick: bool, device: str, progress: bool, console: Console) 
     for k, (method, sets, epochs, lr) in enumerate(DEMO_METHODS, 1):
         job = Job(backbone=BACKBONE, method=method, data=data_name, out=str(Path(out) / method),
                   overrides=sets, image_size=image_size,
-                  train=TrainConfig(epochs=2 if quick else epochs, batch_size=32, device=device, seed=0,
+                  train=TrainConfig(epochs=2 if quick else epochs, batch_size=32, device=device, seed=0, optimizer="sgd",
                                     # 2 epochs give no warm-up: methods that train inside the backbone
                                     # collapse at the full-run lr, so the smoke test uses a fifth of it
                                     lr=lr if not quick or method.startswith(("linear", "mlp")) else lr / 5))

@@ -386,7 +386,7 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     timings["prepare"] = time.perf_counter() - t0
     result = train(model, data.train, data.val, job.train, out_dir=out, resume=resume, progress=progress,
                    augment=job.augment, on_step=on_step, on_epoch=on_epoch if distributed.is_main() else None,
-                   job_identity=job_identity(setup) if out else None)
+                   job_identity=job_identity(setup) if out else None, notify=notify)
     timings.update(result.timings)
     wall = time.perf_counter() - t0
     test = None
@@ -417,8 +417,9 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "peak_memory_mb": peak_memory_mb(device),
         "epochs": job.train.epochs,
         "seed": job.train.seed,
-        "train_config": {**asdict(job.train), "effective_lr": job.train.effective_lr(model),
+        "train_config": {**asdict(job.train), "base_lr": result.base_lr, "effective_lr": result.effective_lr,
                          "optimizer": job.train.resolved_optimizer(model)},
+        "lr_search": result.lr_search,  # --lr auto: the candidates, their val scores and the choice
         "preprocessing": prep,
         "history": result.history,
         "device": str(device),

@@ -39,7 +39,7 @@ SETTINGS: dict[str, str] = {
     "image_size": "input resolution (int); omit for the backbone's pretrained size",
     "epochs": "training epochs of every run (int)",
     "batch_size": "batch size (int); the lr is scaled by batch/256 as in VPT",
-    "optimizer": '"sgd" or "adamw"; omit for each method\'s default',
+    "optimizer": '"sgd" (the default: VPT\'s protocol, whose lr grids are SGD base lrs) or "adamw"',
     "warmup_epochs": "linear warm-up epochs (int); omit for 10% of epochs",
     "lr_grid": "base learning rates searched on train/val (list of numbers)",
     "wd_grid": "weight decays searched on train/val (list of numbers)",
@@ -52,7 +52,7 @@ SETTINGS: dict[str, str] = {
     "data_seed": "seed of the stratified train/val/test subsets (int; the same for every run)",
 }
 DEFAULTS: dict[str, object] = {
-    "image_size": None, "epochs": 10, "batch_size": 32, "optimizer": None, "warmup_epochs": None,
+    "image_size": None, "epochs": 10, "batch_size": 32, "optimizer": "sgd", "warmup_epochs": None,
     "lr_grid": [0.5, 1.0], "wd_grid": [0.0], "seeds": [42, 44, 82], "train_size": 800, "val_size": 200,
     "test_size": None, "normalization": "pretrained_cfg", "augment": False, "data_seed": 0,
 }

@@ -89,12 +89,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per step (the lr is scaled by batch/256)")
-    p.add_argument("--lr", type=float, default=None, metavar="LR",
-                   help="base lr, scaled by batch/256 (default: the method's, see `vistune methods --details`)")
+    p.add_argument("--lr", type=lr_value, default=None, metavar="LR|auto",
+                   help="base lr, scaled by batch/256 (default: the method's, measured in docs/defaults.md; "
+                        "`vistune methods --details` lists them); auto: a short val-based search around that "
+                        "default first, printed and stored in metrics.json")
     p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
                    help="weight decay (never on biases and norm parameters)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
-                   help="optimizer (default: the method's; SGD momentum 0.9, AdamW for full and sct)")
+                   help="default: the method's (AdamW; SGD momentum 0.9 for vpt-shallow, vpt-deep, pgn)")
     p.add_argument("--warmup-epochs", type=int, default=None, metavar="N",
                    help="linear warm-up epochs before the cosine schedule (default: 10%% of --epochs)")
     p.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="label smoothing of the loss")
@@ -109,6 +111,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block's activations in the backward: less memory, more time per step "
                         "(same gradients; a runtime setting, not saved)")
+
+
+def lr_value(text: str):
+    """``--lr``: a positive number or ``auto``."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0 (or 'auto')")
+    return value
 
 
 def train_config(args):

@@ -70,6 +70,8 @@ class AdaptedOutput(nn.Module):
           description="Pfeiffer adapter after each FFN (transformers) or a bottleneck after each block (any timm model)")
 class Adapter(ModuleTuner):
     Config = AdapterConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def attach(self):

@@ -150,9 +150,11 @@ class Method(nn.Module):
         ``"sgd"`` (VPT's recipe: momentum 0.9) or ``"adamw"``; ``--optimizer`` overrides it.
     ``default_lrs``
         base learning rate per optimizer (before the trainer's ``× batch/256``); optimizers it leaves out use the
-        trainer's default for that optimizer.
+        trainer's default for that optimizer. ``benchmarks/defaults.py`` measures a method's default against the
+        lr grid (docs/defaults.md): a new method's defaults must pass it.
     ``default_warmup_fraction``
-        warm-up length as a fraction of the epochs, when ``--warmup-epochs`` is not given.
+        warm-up length as a fraction of the run, when ``--warmup-epochs`` is not given: whole epochs, or that
+        fraction of the steps in a run too short for one whole warm-up epoch.
     ``head_only``
         True when nothing but the head trains and the head reads the pooled frozen feature (linear, mlp): the
         trainer may then compute the frozen features once (the feature cache).

@@ -7,6 +7,8 @@ from .base import ModuleTuner, register
 @register("bias", category="parameter",
           description="Bias tuning (BitFit): all bias terms of the backbone, incl. norm biases")
 class Bias(ModuleTuner):
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
     mergeable = True
 

@@ -15,6 +15,8 @@ from .peft_common import PeftMethod, exact_names, require_peft
 @register("ia3", category="parameter",
           description="(IA)3 (peft): rescales k, v and the FFN hidden activation (CNN: conv outputs); mergeable")
 class IA3(PeftMethod):
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
     default_targets = {"transformer": "kv+fc2", "generic": "dense"}
     fallback_targets = "fc2"
 

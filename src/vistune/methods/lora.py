@@ -41,6 +41,8 @@ class LoRAConfig(PeftMethodConfig):
           description="LoRA (peft): low-rank updates of W_q, W_v (transformers) or dense convs + Linears; mergeable")
 class LoRA(PeftMethod):
     Config = LoRAConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
     use_dora = False
 
     def peft_config(self, targets):

@@ -33,6 +33,8 @@ class MLPConfig(MethodConfig):
           description="MLP-k head on the frozen feature: (k-1)×[Linear,ReLU,BN,Dropout] + Linear (`mlp-3`)")
 class MLP(Method):
     Config = MLPConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.02}  # base lr (× batch/256)
     head_only = True  # the frozen feature can be computed once (feature cache)
 
     def build_head(self) -> nn.Module:

@@ -30,6 +30,8 @@ def _tuned_modules(backbone, k: int):
           description="Partial-k: tune the last k blocks and the final norm (`partial-2` = k=2)")
 class Partial(ModuleTuner):
     Config = PartialConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.02}  # base lr (× batch/256)
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
     mergeable = True
 

@@ -99,6 +99,8 @@ class Prompted(nn.Module):
                       "added at every stage output / before every k-th transformer block")
 class ProTuning(ModuleTuner):
     Config = ProTuningConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
     supports_segmentation = True  # adapt(..., task="segmentation"): FPN decoder head (methods/decoder.py)
 
     def attach(self):

@@ -404,8 +404,8 @@ def calibrate(model_or_backbone: BackboneView | "SCT", dataset, *, placement: st
                       "(calibrated on the training set)")
 class SCT(ModuleTuner):
     Config = SCTConfig
-    default_optimizer = "adamw"  # the paper's recipe
-    default_lrs = {"adamw": 0.01}  # base lr (× batch/256): the best of our grid on Fashion-MNIST with EfficientNet-Lite0
+    default_optimizer = "adamw"  # the paper's recipe; docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.01}  # base lr (× batch/256)
 
     def attach(self):
         backbone, config = self.backbone, self.config

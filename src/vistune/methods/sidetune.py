@@ -25,6 +25,8 @@ class SidetuneConfig(MethodConfig):
           description="Side-tuning: σ(α)·frozen feature + (1-σ(α))·Linear(side network(x)), side net trains")
 class Sidetune(SideTuner):
     Config = SidetuneConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.005}  # base lr (× batch/256)
 
     def attach(self):
         side = load_backbone(self.config.side_network, random_init=not self.config.side_pretrained).model

@@ -148,6 +148,8 @@ def ssf_ops(model: nn.Module) -> list[str]:
           description="SSF: learned scale and shift after every op with a bias and every norm layer; mergeable")
 class SSF(ModuleTuner):
     Config = SSFConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
     mergeable = True
 
     def attach(self):

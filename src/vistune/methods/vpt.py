@@ -74,6 +74,9 @@ class VPTShallow(TokenTuner, ModuleTuner):
     """A token tuner on the token families (ViT, EVA, BEiT); on Swin V1/V2 a module tuner (prompted window
     attention)."""
 
+    default_optimizer = "sgd"  # VPT's recipe; docs/defaults.md: measured against the lr grid
+    default_lrs = {"sgd": 1.0}  # base lr (× batch/256)
+
     Config = VPTConfig
     deep = False
 

@@ -48,6 +48,8 @@ class VPTPadConfig(MethodConfig):
           description="VPT pad prompts: a learnable pixel border around the (shrunk) input image, any backbone")
 class VPTPad(InputTuner):
     Config = VPTPadConfig
+    default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
+    default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
 
     def attach(self):
         config = self.config

@@ -1,9 +1,17 @@
-"""The trainer: VPT's recipe by default, val-based selection, resumable checkpoints.
+"""The trainer: VPT's schedule with each method's measured defaults, val-based selection, resumable checkpoints.
 
-Recipe (VPT): SGD momentum 0.9, lr = base_lr × batch/256, linear warm-up then cosine stepped per
-epoch, no weight decay on biases and norm parameters. AdamW is selectable. A method's own defaults come from
+Recipe (VPT's): lr = base_lr × batch/256, linear warm-up then cosine stepped per epoch, no weight decay on
+biases and norm parameters; SGD momentum 0.9 or AdamW (most methods default to AdamW). A method's own defaults come from
 its class (the Method contract, methods/base.py): ``default_optimizer``, ``default_lrs``,
-``default_warmup_fraction``.
+``default_warmup_fraction`` (docs/defaults.md measures them). The warm-up is that fraction of the run in whole
+epochs (VPT); a run too short for one whole warm-up epoch (fewer than 5 epochs at 10%) warms up over that
+fraction of its *steps* instead, so short runs get a warm-up too. ``lr="auto"`` picks the base lr by a short
+val-based search first (:mod:`.lr_search`).
+
+Divergence stops the run with :class:`~vistune.errors.TrainingDiverged` (a failed setting in a sweep): a
+non-finite loss, a loss that explodes (the mean of the last steps > 10× the loss of the first step), or a
+collapse — after the warm-up, a whole epoch at chance train accuracy with a loss no better than predicting the
+class frequencies, after the loss had blown up (see :class:`DivergenceCheck`).
 
 Determinism: every epoch seeds its own shuffling and dropout from (seed, epoch), so a run that
 is resumed from its last checkpoint computes exactly what the uninterrupted run computes.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -33,11 +42,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .._io import atomic_write
+from .._io import atomic_write, atomic_write_json
 from ..data.segmentation import IGNORE_INDEX
 from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
-from . import distributed
+from . import distributed, lr_search
+from .lr_search import LrSearch
 from .metrics import confusion_matrix, scores_from_confusion
 from .recompute import honours_grad_checkpoint
 
@@ -84,7 +94,8 @@ def _number(value, name: str, ok: bool, need: str, fix: str) -> None:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
-    lr: float | None = None  # base lr; None → the method's default_lrs, else the optimizer's default below
+    lr: float | Literal["auto"] | None = None  # base lr; None → the method's default_lrs, else the optimizer's
+    # default below; "auto" → a short val-based search around that default (training/lr_search.py)
     weight_decay: float = 0.0
     optimizer: Literal["sgd", "adamw"] | None = None  # None → the method's default (SGD for most)
     warmup_epochs: int | None = None  # None → the method's default_warmup_fraction of the epochs (VPT: 10%)
@@ -133,21 +144,38 @@ class TrainConfig:
     def resolved_optimizer(self, model: Method) -> str:
         return self.optimizer or model.default_optimizer
 
-    def base_lr(self, model: Method) -> float:
-        """--lr, else the method's own default for the optimizer (``default_lrs``), else the optimizer's."""
-        if self.lr is not None:
-            return self.lr
+    def default_lr(self, model: Method) -> float:
+        """The method's own base lr for the optimizer (``default_lrs``), else the optimizer's."""
         optimizer = self.resolved_optimizer(model)
         return model.default_lrs.get(optimizer, self.DEFAULT_LR[optimizer])
 
+    def base_lr(self, model: Method) -> float:
+        """--lr, else :meth:`default_lr`; ``"auto"`` must have been resolved (``train`` does) before."""
+        if self.lr == "auto":
+            raise ValueError("lr='auto' is resolved by train(); ask its TrainResult for the lr it chose")
+        return self.lr if self.lr is not None else self.default_lr(model)
+
     def effective_lr(self, model: Method) -> float:
-        return self.base_lr(model) * (self.batch_size / 256 if self.lr_scaling else 1.0)
+        return self.effective_lr_of(self.base_lr(model))
+
+    def effective_lr_of(self, base_lr: float) -> float:
+        return base_lr * (self.batch_size / 256 if self.lr_scaling else 1.0)
 
     def warmup(self, model: Method | None = None) -> int:
         if self.warmup_epochs is not None:
             return self.warmup_epochs
-        fraction = model.default_warmup_fraction if model is not None else Method.default_warmup_fraction
-        return max(0, round(fraction * self.epochs))
+        return max(0, round(self._warmup_fraction(model) * self.epochs))
+
+    def warmup_steps(self, model: Method | None, steps_per_epoch: int) -> int:
+        """Steps of the per-step warm-up of a run too short for a whole warm-up epoch: the method's warm-up
+        fraction of all its steps (0 when --warmup-epochs is given or the warm-up is at least one epoch)."""
+        if self.warmup_epochs is not None or self.warmup(model) > 0:
+            return 0
+        return round(self._warmup_fraction(model) * self.epochs * steps_per_epoch)
+
+    @staticmethod
+    def _warmup_fraction(model: Method | None) -> float:
+        return model.default_warmup_fraction if model is not None else Method.default_warmup_fraction
 
 
 @dataclass
@@ -161,6 +189,9 @@ class TrainResult:
     # seconds of this call's phases: decode (the images' first decode + transform, kept in memory),
     # feature_cache (the frozen backbone run once), train (the steps), val (the per-epoch val eval)
     timings: dict = field(default_factory=dict)
+    base_lr: float | None = None  # the base lr trained with (--lr auto: the one the search chose)
+    effective_lr: float | None = None  # base_lr × batch/256 (with lr scaling): the peak lr of the schedule
+    lr_search: dict | None = None  # --lr auto: the candidates, their val scores and the choice (LrSearch.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,6 +278,88 @@ def _make_optimizer(model: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _warmup_ramp(global_step: int, warmup_steps: int) -> float:
+    """Multiplier of the lr at ``global_step`` (0-based) of a per-step warm-up: linear, then 1."""
+    return (global_step + 1) / (warmup_steps + 1) if global_step < warmup_steps else 1.0
+
+
+def _lower_lr_fix(cfg: TrainConfig, base_lr: float) -> str:
+    lower = float(f"{base_lr / 10:.3g}")
+    scaling = " (× batch/256)" if cfg.lr_scaling else ""
+    return (f"lower --lr: e.g. --lr {lower:g}, a tenth of this run's base lr {base_lr:g}{scaling}, or let --lr auto "
+            "search one")
+
+
+class DivergenceCheck:
+    """Stops a run whose loss went non-finite, exploded, or collapsed to chance after blowing up.
+
+    - *explosion*: the mean loss of the epoch's last ``WINDOW`` steps exceeds ``EXPLODE`` × the loss of the run's
+      first step (the model before any update; ~ln K for a fresh head) — a loss that high never comes back to a
+      useful model, and a sweep's too-high lrs stop within a few steps;
+    - *collapse*: a whole epoch after the warm-up (and not the first epoch) whose train accuracy is at chance (at
+      most the majority-class rate plus max(0.02, two binomial standard errors)) *and* whose loss is no better than
+      predicting the class frequencies (≥ ``PRIOR_LOSS`` × their entropy), in a run whose loss had blown up
+      (some step above ``BLOWUP`` × the first step's loss) — what a too-high lr leaves behind: dead features, one
+      predicted class, loss ln K. The blow-up condition keeps a run that has merely not started learning yet (a
+      tiny lr, a genuinely hard task) from being called diverged.
+
+    Everything it needs survives a resume in the epoch history (``start_loss`` in the first entry,
+    ``max_train_loss`` in each), so a resumed run stops exactly where the uninterrupted one does; the window
+    restarts every epoch for the same reason. Under torchrun every process sees the same (all-reduced) losses and
+    counts, so all of them stop at the same step."""
+
+    EXPLODE = 10.0
+    WINDOW = 10
+    BLOWUP = 5.0
+    PRIOR_LOSS = 0.9
+
+    def __init__(self, cfg: TrainConfig, base_lr: float, history: list[dict]):
+        self.cfg, self.base_lr = cfg, base_lr
+        self.start_loss: float | None = history[0].get("start_loss", history[0]["train_loss"]) if history else None
+        self.peak_loss = max((h.get("max_train_loss", h["train_loss"]) for h in history), default=-math.inf)
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self.recent: list[float] = []
+        self.epoch_peak = -math.inf
+
+    def step(self, loss: float, epoch: int, step: int, lr: float) -> None:
+        where = f"at epoch {epoch + 1}, step {step + 1} (effective lr {lr:.4g})"
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged: the loss became {loss} {where}",
+                                   _lower_lr_fix(self.cfg, self.base_lr) + "; check the data for broken images")
+        if self.start_loss is None:
+            self.start_loss = loss
+        self.peak_loss, self.epoch_peak = max(self.peak_loss, loss), max(self.epoch_peak, loss)
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        mean = sum(self.recent) / len(self.recent)
+        if mean > self.EXPLODE * self.start_loss:
+            recent = "the loss" if len(self.recent) == 1 else f"the mean loss of the last {len(self.recent)} steps"
+            raise TrainingDiverged(
+                f"training diverged: the loss exploded {where}: {recent} is {mean:.4g}, over {self.EXPLODE:g}× "
+                f"the first step's {self.start_loss:.4g}",
+                _lower_lr_fix(self.cfg, self.base_lr))
+
+    def epoch_end(self, epoch: int, correct: float, label_counts: list[float], mean_loss: float, lr: float,
+                  after_warmup: bool) -> None:
+        """``correct`` / ``label_counts``: the epoch's training predictions (all processes) by class."""
+        seen = sum(label_counts)
+        if not after_warmup or seen == 0 or self.start_loss is None:
+            return
+        chance = max(label_counts) / seen
+        margin = max(0.02, 2 * math.sqrt(chance * (1 - chance) / seen))
+        prior = -sum(c / seen * math.log(c / seen) for c in label_counts if c > 0)
+        accuracy = correct / seen
+        blew_up = self.peak_loss > self.BLOWUP * self.start_loss
+        if accuracy <= chance + margin and mean_loss >= self.PRIOR_LOSS * prior and blew_up:
+            raise TrainingDiverged(
+                f"training collapsed at epoch {epoch + 1} (effective lr {lr:.4g}): train accuracy {accuracy:.3f} over "
+                f"the whole epoch is at chance (majority class {chance:.3f}) and the loss {mean_loss:.4g} is no "
+                f"better than predicting the class frequencies ({prior:.4g}), after the loss had blown up to "
+                f"{self.peak_loss:.4g} (the first step's: {self.start_loss:.4g})",
+                _lower_lr_fix(self.cfg, self.base_lr))
+
+
 def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
     """Multiplier of the effective lr during ``epoch`` (0-based): linear warm-up, then cosine."""
     warm = cfg.warmup()
@@ -325,7 +438,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           augment: bool = False, batch_transform=None,
           on_step: Callable[[int, int], None] | None = None,
-          on_epoch: Callable[[dict, int], None] | None = None, job_identity: dict | None = None) -> TrainResult:
+          on_epoch: Callable[[dict, int], None] | None = None, job_identity: dict | None = None,
+          notify: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``model``'s tuned parameters; loads the best-val (or last) state into it at the end.
 
     ``batch_transform`` (e.g. random crops done on the GPU) is applied to each training batch on
@@ -336,6 +450,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     field is refused before any work, naming each field that differs. ``on_step(done, total)`` is called after
     every training step (e.g. a caller's own progress bar: `vistune bench` shows one per run); ``on_epoch(record,
     epochs)`` after every epoch with its history record (the CLI's line per epoch where no bar shows).
+    ``notify(line)`` hears what ``lr="auto"`` tried and chose.
     """
     device = resolve_device(cfg.device)
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
@@ -370,9 +485,19 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     # Buffers (BatchNorm running statistics) are not broadcast each step but averaged after each epoch.
     step_net = net if world == 1 else DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    optimizer = _make_optimizer(model, cfg)
+    steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: BatchNorm heads need batches > 1
+    # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX if segmentation else -100)
+    search = None
+    run_cfg = cfg  # cfg with lr="auto" resolved; cfg itself (as the user gave it) is what a resume must match
+    if cfg.lr == "auto":
+        search = _auto_lr(model, net, step_net, train_set, val_set, cfg, device, loss_fn, out_dir, resume, notify)
+        run_cfg = dataclasses.replace(cfg, lr=search.chosen)
+    base_lr = run_cfg.base_lr(model)
+    optimizer = _make_optimizer(model, run_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    schedule = dataclasses.replace(cfg, warmup_epochs=cfg.warmup(model))  # the method's default warm-up resolved
+    schedule = dataclasses.replace(run_cfg, warmup_epochs=run_cfg.warmup(model))  # the method's warm-up resolved
+    warmup_steps = run_cfg.warmup_steps(model, steps_per_epoch)  # a run too short for a whole warm-up epoch
 
     start_epoch, best_val, best_epoch, best_state, history, elapsed = 0, -1.0, -1, None, [], 0.0
     if ckpt is not None:
@@ -384,11 +509,9 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["best_epoch"]
         best_state, history, elapsed = ckpt["best_state"], ckpt["history"], ckpt["elapsed"]
 
-    steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: BatchNorm heads need batches > 1
+    check = DivergenceCheck(run_cfg, base_lr, history)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"train {model.info.name}", disable=None if progress else True, unit="step", dynamic_ncols=True)
-    # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX if segmentation else -100)
     select_on = "miou" if segmentation else "accuracy"  # segmentation selects on val mIoU
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -400,28 +523,33 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         sampler.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
                             num_workers=cfg.num_workers)
-        for g, lr in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = lr * _lr_factor(epoch, schedule)
+        epoch_lrs = [lr * _lr_factor(epoch, schedule) for lr in base_lrs]
+        for g, lr in zip(optimizer.param_groups, epoch_lrs):
+            g["lr"] = lr
         model.train()
         step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0
         steps_started = phases.start()
+        correct, label_counts = 0, torch.zeros(model.num_classes, dtype=torch.long, device=device)
+        check.start_epoch()
         for step, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if batch_transform is not None:
                 x = batch_transform(x)
+            if warmup_steps:
+                ramp = _warmup_ramp(epoch * steps_per_epoch + step, warmup_steps)
+                for g, lr in zip(optimizer.param_groups, epoch_lrs):
+                    g["lr"] = lr * ramp
             with _autocast(device, cfg.amp):
                 logits = step_net(x)
             loss = loss_fn(logits.float(), y)
             # the global batch's loss (equal shares: the mean of the processes' means); every process
             # sees the same value, so a divergence stops all of them at the same step
             batch_loss = distributed.sum_across([loss.item()], device)[0] / world
-            if not math.isfinite(batch_loss):
-                raise TrainingDiverged(
-                    f"training diverged: the loss became {batch_loss} at epoch {epoch + 1}, step {step + 1} "
-                    f"(effective lr {optimizer.param_groups[0]['lr']:.4g})",
-                    "lower --lr (e.g. by 10×), or use --optimizer adamw; check the data for broken images",
-                )
+            check.step(batch_loss, epoch, step, optimizer.param_groups[0]["lr"])
+            if not segmentation:
+                correct += int((logits.detach().argmax(1) == y).sum())
+                label_counts += torch.bincount(y, minlength=model.num_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -431,6 +559,13 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.3f}")
             if on_step is not None:
                 on_step(epoch * steps_per_epoch + step + 1, cfg.epochs * steps_per_epoch)
+        train_loss = loss_sum / max(1, seen)
+        train_accuracy = None
+        if not segmentation:  # the collapse check (per-pixel "chance" is mostly background: not judged)
+            counts = distributed.sum_across([correct, *label_counts.tolist()], device)
+            train_accuracy = counts[0] / max(1.0, sum(counts[1:]))
+            check.epoch_end(epoch, counts[0], counts[1:], train_loss, optimizer.param_groups[0]["lr"],
+                            after_warmup=epoch >= max(1, schedule.warmup_epochs))
         # each process updated train-mode BatchNorm statistics on its own B/N images: agree on their mean
         if world > 1:
             distributed.average_across(_tuned_buffers(model))
@@ -439,8 +574,11 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         with phases("val"):
             val = evaluate(net, val_set, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
         elapsed += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_accuracy": val["accuracy"],
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val["accuracy"],
                         "val_loss": val["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": train_time,
+                        "max_train_loss": check.epoch_peak,
+                        **({"start_loss": check.start_loss} if epoch == 0 else {}),
+                        **({"train_accuracy": train_accuracy} if train_accuracy is not None else {}),
                         **({"val_miou": val["miou"]} if segmentation else {})})
         bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_sum / max(1, seen):.3f}",
                         val=f"{val['accuracy']:.3f}")
@@ -466,8 +604,9 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     # the selected epoch's val scores (segmentation: selected on mIoU; its accuracy is the pixel accuracy)
     best = next((h for h in history if h["epoch"] == best_epoch), {})
     return TrainResult(val_accuracy=best.get("val_accuracy", best_val), best_epoch=best_epoch, epochs=cfg.epochs,
-                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"),
-                       timings=phases.seconds)
+                       train_seconds=elapsed, history=history, val_miou=best.get("val_miou"), base_lr=base_lr,
+                       effective_lr=run_cfg.effective_lr(model),
+                       lr_search=None if search is None else search.to_dict(), timings=phases.seconds)
 
 
 class _Phases:
@@ -493,6 +632,75 @@ class _Phases:
         started = self.start()
         yield
         self.stop(name, started)
+
+
+LR_SEARCH_FILE = "lr_search.json"
+
+
+def _auto_lr(model: Method, net: nn.Module, step_net: nn.Module, train_set: Dataset, val_set: Dataset,
+             cfg: TrainConfig, device: torch.device, loss_fn: nn.Module, out_dir, resume: bool,
+             notify: Callable[[str], None] | None) -> LrSearch:
+    """``lr="auto"``: search the base lr (training/lr_search.py) from the model's initial state and restore that
+    state. The result is written to OUT/lr_search.json, so a resumed run reuses it instead of searching again
+    (which would search a model already restored from its checkpoint, e.g. an SCT without its calibration)."""
+    saved = Path(out_dir) / LR_SEARCH_FILE if out_dir is not None else None
+    if resume and saved is not None and saved.is_file():
+        found = LrSearch.from_dict(json.loads(saved.read_text()))
+        if notify is not None:
+            notify(f"--lr auto: resuming with the base lr {found.chosen:.4g} chosen before ({saved})")
+        return found
+    initial = {k: v.clone() for k, v in model.tuned_state_dict().items()}
+    steps = max(1, min(lr_search.PROBE_STEPS, cfg.epochs * (len(train_set) // cfg.batch_size)))
+    n_val = min(len(val_set), lr_search.PROBE_VAL_IMAGES)
+    val_probe = Subset(val_set, [round(i * len(val_set) / n_val) for i in range(n_val)])  # spread over the split
+    world, rank = distributed.world_size(), distributed.rank()
+
+    def probe(base_lr: float) -> tuple[float, float]:
+        model.load_state_dict(initial, strict=False)
+        probe_cfg = dataclasses.replace(cfg, lr=base_lr)
+        optimizer = _make_optimizer(model, probe_cfg)
+        check = DivergenceCheck(probe_cfg, base_lr, [])
+        check.start_epoch()
+        torch.manual_seed(cfg.seed * 1000 - 1)  # the same shuffling and dropout for every candidate
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed * 1000 - 1,
+                                     drop_last=True)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
+                            num_workers=cfg.num_workers)
+        model.train()
+        step_net.train()
+        done = 0
+        while done < steps:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                with _autocast(device, cfg.amp):
+                    logits = step_net(x)
+                loss = loss_fn(logits.float(), y)
+                try:
+                    check.step(distributed.sum_across([loss.item()], device)[0] / world, 0, done,
+                               probe_cfg.effective_lr_of(base_lr))
+                except TrainingDiverged as e:
+                    raise lr_search.ProbeDiverged(e.what) from None
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done += 1
+                if done == steps:
+                    break
+            sampler.set_epoch(sampler.epoch + 1)
+        val = evaluate(net, val_probe, batch_size=max(cfg.batch_size, 64), device=device, amp=cfg.amp)
+        return val["accuracy"], val["loss"]
+
+    try:
+        found = lr_search.search(cfg.default_lr(model), probe, optimizer=cfg.resolved_optimizer(model), steps=steps,
+                                 val_images=n_val)
+    finally:
+        model.load_state_dict(initial, strict=False)
+    if notify is not None:
+        for line in found.lines():
+            notify(line)
+    if saved is not None and distributed.is_main():
+        atomic_write_json(saved, found.to_dict())
+    return found
 
 
 def _tuned_buffers(model: Method) -> list[torch.Tensor]:
