@@ -116,9 +116,9 @@ class TrainConfig:
         """Every field checked once, when the config is built, so no invalid config reaches the trainer."""
         _whole(self.epochs, "epochs", 1, "train for at least one epoch, e.g. --epochs 10")
         _whole(self.batch_size, "batch_size", 1, "e.g. --batch-size 32")
-        if self.lr is not None:
-            _number(self.lr, "lr", _is_number(self.lr) and self.lr > 0, "> 0",
-                    "e.g. --lr 0.1, or leave it out for the method's default")
+        if self.lr is not None and self.lr != "auto":
+            _number(self.lr, "lr", _is_number(self.lr) and self.lr > 0, "> 0 (or 'auto')",
+                    "e.g. --lr 0.1, --lr auto, or leave it out for the method's default")
         _number(self.weight_decay, "weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, "≥ 0",
                 "e.g. --weight-decay 0.0001 (0: none)")
         if self.optimizer not in (None, *self.DEFAULT_LR):
