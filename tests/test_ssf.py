@@ -102,7 +102,7 @@ def test_output_side_form_computes_what_the_folded_form_computes(tiny_backbones,
     folded_logits, folded_grads = _logits_and_grads(model)
     assert (logits - folded_logits).abs().max() < 1e-5
     for name, grad in grads.items():
-        assert torch.allclose(grad, folded_grads[name], rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(grad, folded_grads[name], rtol=1e-4, atol=1e-5), name  # fp32 summation order
 
 
 def _saved_bytes(fn, exclude) -> int:

@@ -88,11 +88,12 @@ class ScaleShift(nn.Module, Foldable):
 
     def __init__(self, inner: nn.Module, init: str):
         super().__init__()
-        self.inner = inner
-        channels = inner.weight.shape[0]
         w = inner.weight
-        self.scale = nn.Parameter(torch.ones(channels, device=w.device, dtype=w.dtype))
-        self.shift = nn.Parameter(torch.zeros(channels, device=w.device, dtype=w.dtype))
+        # registered before ``inner``: __getattr__ would otherwise find the op's own attribute of the same name
+        # (ScaledStdConv2d.scale) and refuse the parameter
+        self.scale = nn.Parameter(torch.ones(w.shape[0], device=w.device, dtype=w.dtype))
+        self.shift = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+        self.inner = inner
         if init == "paper":
             nn.init.normal_(self.scale, mean=1.0, std=0.02)
             nn.init.normal_(self.shift, std=0.02)
