@@ -172,7 +172,6 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         check_out_dir(out, resume)
     setup = prepare_job(job, backbone=backbone, data=data, notify=notify)
     backbone, prep, data, config, device = setup.backbone, setup.preprocessing, setup.data, setup.config, setup.device
-    segmentation = job.task == "segmentation"
     make_transforms = data_for_task(job.task)[0]
     torch.manual_seed(job.train.seed)  # the method's own initialisation
     model = adapt(backbone, config, num_classes=len(data.class_names), task=job.task)
@@ -190,8 +189,22 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     if data.test is not None:
         test = evaluate(model, data.test, batch_size=max(64, job.train.batch_size), device=device,
                         amp=job.train.amp, progress=progress, desc="test")
+    metrics = job_metrics(setup, model, result, test, wall)
+    if out is not None and distributed.is_main():  # under torchrun, rank 0 alone writes
+        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
+                                                  extra={"data": {"spec": job.data, **split_settings(job)}})
+        atomic_write_json(out / METRICS, metrics)
+    metrics["model"] = model  # for in-process callers; not serialised
+    return metrics
+
+
+def job_metrics(setup: JobSetup, model, result, test: dict | None, wall: float) -> dict:
+    """metrics.json of a finished job (``result``: its TrainResult; ``test``: the test scores, if any)."""
+    job, backbone, prep, data, config, device = (setup.job, setup.backbone, setup.preprocessing, setup.data,
+                                                 setup.config, setup.device)
+    segmentation = job.task == "segmentation"
     counts = count_parameters(model)
-    metrics = {
+    return {
         "method": job.method,
         "method_config": config.to_dict(),
         "backbone": job.backbone,
@@ -221,16 +234,10 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "versions": {"vistune": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
-    if out is not None and distributed.is_main():  # under torchrun, rank 0 alone writes
-        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
-                                                  extra={"data": {"spec": job.data, **split_settings(job)}})
-        atomic_write_json(out / METRICS, metrics)
-    metrics["model"] = model  # for in-process callers; not serialised
-    return metrics
 
 
 def read_metrics(out: str | Path) -> dict:
     return json.loads((Path(out) / METRICS).read_text())
 
 
-__all__ = ["Job", "JobSetup", "prepare_job", "run_job", "read_metrics", "preprocessing_for", "transforms_for", "artifact_bytes"]
+__all__ = ["Job", "JobSetup", "prepare_job", "run_job", "job_metrics", "read_metrics", "preprocessing_for", "transforms_for", "artifact_bytes"]

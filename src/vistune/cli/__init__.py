@@ -3,7 +3,7 @@
     common     the console, shared argument groups (backbone, data, training), the help formatter
     info       methods, backbones            train      train, calibrate
     inference  eval, predict, export         bench      bench, report
-    misc       data, demo, pretrain
+    misc       data, demo, pretrain          distill    distill
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 from ..errors import VistuneError
-from . import bench, inference, info, misc, train
+from . import bench, distill, inference, info, misc, train
 from .common import HelpFormatter, console
 
 __all__ = ["main", "build_parser", "console"]
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (info, train, inference, misc, bench):
+    for group in (info, train, inference, misc, bench, distill):
         group.add_parsers(sub)
     return parser
 
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("train", "distill"):
             raise VistuneError(f"`vistune {args.command}` runs in one process; torchrun started several",
-                               "use torchrun only for `vistune train` (one data-parallel run); "
+                               "use torchrun only for `vistune train` or `vistune distill` (one data-parallel run); "
                                "run this command without torchrun")
         return args.func(args)
     except VistuneError as e:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         hint = ""  # bench prints its own message; the other commands write no checkpoint
-        if args.command == "train" and out:
+        if args.command in ("train", "distill") and out:
             hint = f"; continue with the same command plus --resume (checkpoint in {out})"
         elif args.command == "demo":
             hint = "; run the same command again: finished methods are reused, the interrupted one resumes"

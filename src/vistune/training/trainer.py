@@ -37,6 +37,7 @@ from ..errors import TrainingDiverged, VistuneError
 from ..methods import Method
 from . import distributed
 from .metrics import confusion_matrix, scores_from_confusion
+from .objective import CrossEntropy, Objective
 
 STATE_FILE = "train_state.pt"
 
@@ -155,17 +156,19 @@ class FeatureCache(Dataset):
         return self.features[i], self.targets[i]
 
 
-def _param_groups(model: Method, weight_decay: float):
+def _param_groups(model: Method, weight_decay: float, extra: nn.Module | None = None):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = [*model.named_parameters(), *(extra.named_parameters() if extra is not None else [])]
+    for name, p in named:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _make_optimizer(model: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+def _make_optimizer(model: Method, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD/AdamW over the model's trainable parameters and ``extra``'s (an objective's own trainable part)."""
+    groups = _param_groups(model, cfg.weight_decay, extra)
     lr = cfg.effective_lr(model)
     if cfg.resolved_optimizer(model) == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
@@ -246,13 +249,14 @@ def _segmentation_scores(model, conf, images: int, loss_sum: float, device) -> d
 def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           augment: bool = False, batch_transform=None,
-          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None, objective: Objective | None = None) -> TrainResult:
     """Train ``model``'s tuned parameters; loads the best-val (or last) state into it at the end.
 
     ``batch_transform`` (e.g. random crops done on the GPU) is applied to each training batch on
     the device; it counts as augmentation. With ``out_dir``, a checkpoint is written there after every epoch; ``resume=True`` continues
     from it to the same result as an uninterrupted run. ``on_step(done, total)`` is called after every
-    training step (e.g. a caller's own progress bar: `vistune bench` shows one per run).
+    training step (e.g. a caller's own progress bar: `vistune bench` shows one per run). ``objective``: what a
+    step minimises and what its items carry (:mod:`.objective`; default: cross-entropy with the labels).
     """
     device = resolve_device(cfg.device)
     world, rank = distributed.world_size(), distributed.rank()
@@ -273,6 +277,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
         val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
         net = model.head
+    objective = objective or CrossEntropy(cfg.label_smoothing, segmentation)
+    train_set = objective.training_set(train_set, cfg=cfg, device=device, progress=progress)
     if len(train_set) < cfg.batch_size:
         raise VistuneError(
             f"the training split has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}",
@@ -280,9 +286,10 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         )
     # one process: net itself; under torchrun: DDP around it, averaging gradients over the processes.
     # Buffers (BatchNorm running statistics) are not broadcast each step but averaged after each epoch.
-    step_net = net if world == 1 else DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    optimizer = _make_optimizer(model, cfg)
+    step_module = objective.step_module(model, net)
+    step_net = step_module if world == 1 else DistributedDataParallel(
+        step_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    optimizer = _make_optimizer(model, cfg, objective.trainable)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     schedule = dataclasses.replace(cfg, warmup_epochs=cfg.warmup(model))  # the method's default warm-up resolved
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
@@ -301,6 +308,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
                 "resume with the same options, or start a new --out folder",
             )
         model.load_state_dict(ckpt["model"], strict=False)
+        objective.load_state_dict(ckpt.get("objective", {}))
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["best_epoch"]
         best_state, history, elapsed = ckpt["best_state"], ckpt["history"], ckpt["elapsed"]
@@ -308,8 +316,6 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: BatchNorm heads need batches > 1
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"train {model.info.name}", disable=None if progress else True, unit="step", dynamic_ncols=True)
-    # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX if segmentation else -100)
     select_on = "miou" if segmentation else "accuracy"  # segmentation selects on val mIoU
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -326,13 +332,14 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         model.train()
         step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y, *extras) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            extras = [e.to(device, non_blocking=True) for e in extras]  # what the objective's items carry
             if batch_transform is not None:
                 x = batch_transform(x)
             with _autocast(device, cfg.amp):
-                logits = step_net(x)
-            loss = loss_fn(logits.float(), y)
+                output = step_net(x, *extras)
+            loss = objective.loss(output, y)
             # the global batch's loss (equal shares: the mean of the processes' means); every process
             # sees the same value, so a divergence stops all of them at the same step
             batch_loss = distributed.sum_across([loss.item()], device)[0] / world
@@ -366,7 +373,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             best_val, best_epoch = val[select_on], epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.tuned_state_dict().items()}
         if state_path is not None and distributed.is_main():
-            ckpt = {"epoch": epoch, "model": model.tuned_state_dict(), "optimizer": optimizer.state_dict(),
+            ckpt = {"epoch": epoch, "model": model.tuned_state_dict(), "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
                     "best_val": best_val, "best_epoch": best_epoch, "best_state": best_state,
                     "history": history, "elapsed": elapsed, "config": _comparable(cfg)}
             atomic_write(state_path, lambda tmp: torch.save(ckpt, tmp))
