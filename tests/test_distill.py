@@ -299,3 +299,59 @@ def test_bench_runs_distillation_with_a_teacher_per_task(teacher, folder, tmp_pa
         run_bench(BenchOptions(no_teacher, ["distill:linear"], backbone, tmp_path / "b2", device="cpu"))
     assert math.isfinite(read_metrics(tmp_path / "bench" / "runs" / "folder" / "distill:linear" / "seed3")[
         "distillation"]["teacher_val_accuracy"])
+
+
+# ------------------------------------------------------------------------------------------------------ DDP
+def _ddp_distill(folder: Path):
+    """A tiny student distilled (with the feature projector) from a random tiny teacher; (student, projector)."""
+    from vistune.run import prepare_job
+
+    setup = prepare_job(Job(backbone=TEACHER, method="bias", data=str(folder), random_init=True,
+                            model_kwargs=TEACHER_KW, image_size=IMAGE_SIZE, train=_train_cfg()))
+    torch.manual_seed(0)
+    teacher_model = adapt(tiny_backbone("mobilenet"), "linear", num_classes=3).eval()
+    model = adapt(setup.backbone, setup.config, num_classes=3)
+    objective = Distillation(teacher_model, DistillConfig(feature_loss="mse"), student_dim=model.backbone.feature_dim,
+                             teacher_dim=teacher_model.backbone.feature_dim, teacher_inputs=setup.data.train)
+    initial = objective.trainable.weight.detach().clone()
+    train(model, setup.data.train, setup.data.val, _train_cfg(), progress=False, objective=objective)
+    assert not torch.allclose(initial, objective.trainable.weight)  # the projector trained
+    return ({k: v.tolist() for k, v in model.tuned_state_dict().items()},
+            {k: v.tolist() for k, v in objective.trainable.state_dict().items()})
+
+
+def _ddp_worker(rank: int, port: int, folder: Path, out: Path) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=90))
+    try:
+        state, projector = _ddp_distill(folder)
+        (out / f"rank{rank}.json").write_text(json.dumps({"state": state, "projector": projector}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distillation_under_ddp_trains_what_one_process_trains(folder, tmp_path):
+    """2 gloo processes, each B/2 of every batch: the student and the projector (inside DDP's forward) end where
+    one process ends (the teacher's cached logits are computed by each process for all items). Slow: two spawned
+    processes import torch and vistune (3.7 min on the shared 2-core machine at load average ~15)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, folder, tmp_path), nprocs=2, join=True)
+    state, projector = _ddp_distill(folder)
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for mine, theirs in ((state, got["state"]), (projector, got["projector"])):
+            for k in mine:
+                assert np.allclose(mine[k], theirs[k], rtol=1e-4, atol=1e-5), (r, k)
