@@ -128,6 +128,18 @@ def test_config_is_validated_once():
     assert procedure_config("distill", {"feature_loss": "cosine"}).feature_loss == "cosine"
 
 
+def test_cli_defaults_are_the_configs():
+    """`vistune distill --help` shows the argparse defaults: they must be DistillConfig's (the library's)."""
+    from vistune.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "--teacher", "t", "--student", "s", "--method", "linear",
+                                      "--data", "d", "--out", "o"])
+    default = DistillConfig()
+    assert (args.temperature, args.alpha, args.feature_loss, args.feature_weight, not args.online_teacher) == (
+        default.temperature, default.alpha, default.feature_loss, default.feature_weight, default.cache_teacher)
+    assert args.unlabelled is None and not args.augment
+
+
 # -------------------------------------------------------------------------------------- the teacher cache
 def _distilled(teacher_dir: Path, folder: Path, cache: bool, feature_loss: str = "mse"):
     """A tiny student trained by distillation through `train()` directly; returns (state, history)."""
