@@ -272,6 +272,9 @@ def test_class_name_mismatch_is_refused(teacher, folder, tmp_path):
 def test_teacher_must_be_an_artifact(folder, tmp_path):
     with pytest.raises(VistuneError, match="not a vistune artifact"):
         run_distill(DistillJob(student_job(folder, tmp_path / "s"), str(tmp_path)), progress=False)
+    with pytest.raises(VistuneError, match="no such folder") as e:
+        run_distill(DistillJob(student_job(folder, tmp_path / "s"), str(tmp_path / "missing")), progress=False)
+    assert "--out folder" in e.value.fix
 
 
 # ---------------------------------------------------------------------------------------- registry, bench

@@ -158,6 +158,10 @@ def run_distill(djob: DistillJob, *, resume: bool = False, progress: bool = True
     progress = progress and distributed.is_main()
     if out is not None:
         check_out_dir(out, resume)
+    if not Path(djob.teacher).is_dir():
+        raise VistuneError(f"--teacher {djob.teacher}: no such folder",
+                           "pass the --out folder of a `vistune train` run (it holds adapter.json and "
+                           "adapter.safetensors)")
     teacher_meta = check_artifact(djob.teacher)  # a damaged teacher fails before anything is loaded
     if teacher_meta.get("task", "classification") != "classification":
         raise VistuneError(f"the teacher {djob.teacher} is a segmentation model",
