@@ -14,7 +14,9 @@ def test_distilled_student_beats_labels_only_on_mnist5k(tmp_path, one_thread):
     same data and budget (20 epochs, batch 32), labels only vs distilled (T=4, α=0.5), seeds 42/44/82, each
     condition at the lr it selected on val in that table (labels 2, distilled 0.5). The table measured test 0.874
     (labels) vs 0.883 (distilled). Not every task gains: on fashion-mnist and digits the distilled linear student
-    loses (docs/methods.md), so this is the task the test can hold the claim to."""
+    loses (docs/methods.md), so this is the task the test can hold the claim to. Run 2026-12-01: it reproduced the
+    table's per-seed numbers exactly (teacher 0.946; labels 0.874, distilled 0.883) in 19 min 53 s on the shared
+    2-core machine at load average ~10."""
     from vistune.backbones import load_backbone
     from vistune.distill import DistillJob, run_distill
     from vistune.run import Job, prepare_job, run_job
