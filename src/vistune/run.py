@@ -372,7 +372,6 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
     check_memory(setup)
     timings = dict(setup.timings)
     backbone, prep, data, config, device = setup.backbone, setup.preprocessing, setup.data, setup.config, setup.device
-    segmentation = job.task == "segmentation"
     make_transforms = data_for_task(job.task)[0]
     torch.manual_seed(job.train.seed)  # the method's own initialisation
     model = adapt(backbone, config, num_classes=len(data.class_names), task=job.task)
@@ -395,8 +394,29 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         test = evaluate(model, data.test, batch_size=max(64, job.train.batch_size), device=device,
                         amp=job.train.amp, progress=progress, desc="test")
         timings["test"] = time.perf_counter() - t_test
+    metrics = job_metrics(setup, model, result, test, wall)
+    metrics["timings"] = timings
+    if out is not None and distributed.is_main():  # under torchrun, rank 0 alone writes
+        t_save = time.perf_counter()
+        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
+                                                  extra={"data": {"spec": job.data, **split_settings(job)}})
+        timings["save"] = time.perf_counter() - t_save  # metrics.json itself: written after this
+    timings["total"] = time.perf_counter() - started
+    if out is not None and distributed.is_main():
+        atomic_write_json(out / METRICS, metrics)
+        if not job.keep_state:  # only now: a run killed before metrics.json resumes from it
+            (out / STATE_FILE).unlink(missing_ok=True)
+    metrics["model"] = model  # for in-process callers; not serialised
+    return metrics
+
+
+def job_metrics(setup: JobSetup, model, result, test: dict | None, wall: float) -> dict:
+    """metrics.json of a finished job (``result``: its TrainResult; ``test``: the test scores, if any)."""
+    job, backbone, prep, data, config, device = (setup.job, setup.backbone, setup.preprocessing, setup.data,
+                                                 setup.config, setup.device)
+    segmentation = job.task == "segmentation"
     counts = count_parameters(model)
-    metrics = {
+    return {
         "method": job.method,
         "method_config": config.to_dict(),
         "backbone": job.backbone,
@@ -427,24 +447,11 @@ def run_job(job: Job, *, resume: bool = False, progress: bool = True,
         "versions": {"vistune": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
-    metrics["timings"] = timings
-    if out is not None and distributed.is_main():  # under torchrun, rank 0 alone writes
-        t_save = time.perf_counter()
-        metrics["artifact_bytes"] = save_artifact(model, out, class_names=data.class_names, preprocessing=prep,
-                                                  extra={"data": {"spec": job.data, **split_settings(job)}})
-        timings["save"] = time.perf_counter() - t_save  # metrics.json itself: written after this
-    timings["total"] = time.perf_counter() - started
-    if out is not None and distributed.is_main():
-        atomic_write_json(out / METRICS, metrics)
-        if not job.keep_state:  # only now: a run killed before metrics.json resumes from it
-            (out / STATE_FILE).unlink(missing_ok=True)
-    metrics["model"] = model  # for in-process callers; not serialised
-    return metrics
 
 
 def read_metrics(out: str | Path) -> dict:
     return json.loads((Path(out) / METRICS).read_text())
 
 
-__all__ = ["Job", "JobSetup", "prepare_job", "run_job", "read_metrics", "preprocessing_for", "transforms_for",
-           "artifact_bytes", "check_memory", "job_identity"]
+__all__ = ["Job", "JobSetup", "prepare_job", "run_job", "job_metrics", "read_metrics", "preprocessing_for",
+           "transforms_for", "artifact_bytes", "check_memory", "job_identity"]

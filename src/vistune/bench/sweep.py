@@ -37,7 +37,8 @@ from rich.text import Text
 
 from ..backbones import BackboneView, load_backbone
 from ..errors import VistuneError
-from ..methods import resolve_method
+from ..artifacts import check_artifact
+from ..methods.procedures import split_label
 from ..options import parse_sets
 from ..output import OutputConsole
 from ..training.trainer import resolve_device
@@ -84,6 +85,7 @@ class BenchOptions:
     report: bool = True  # write DIR/report.md at the end
     progress: bool = True  # progress bars (the per-run lines are printed either way)
     command: str | None = None  # recorded with the plan
+    teacher: str | None = None  # distill:<method> runs: the teacher per task ({task}, {root}); beats the suite's
 
     def method_names(self) -> list[str]:
         names = self.methods.split(",") if isinstance(self.methods, str) else self.methods
@@ -118,13 +120,14 @@ def run_bench(options: BenchOptions, *, console: Console | None = None) -> dict:
     if len(set(methods)) != len(methods):
         raise VistuneError(f"--methods lists a method twice: {','.join(methods)}", "list each method once")
     for m in methods:
-        resolve_method(m)  # fail fast on a misspelt name, before loading anything
+        split_label(m)  # fail fast on a misspelt method or procedure, before loading anything
     sets = parse_sets(options.sets, methods)
     check_shared_sets(sets, methods)
     cli = options.cli_settings()
     chosen_tasks = suite.select_tasks(options.tasks)
     root = options.data_root or suite.root
     _check_data(suite, chosen_tasks, root)
+    teachers = _teachers(suite, chosen_tasks, root, options.teacher, methods)
 
     with _bench_lock(out), Store(out / STORE) as store:
         backbone = options.backbone
@@ -133,7 +136,7 @@ def run_bench(options: BenchOptions, *, console: Console | None = None) -> dict:
             backbone = load_backbone(backbone, checkpoint=options.checkpoint, random_init=options.random_init,
                                      model_kwargs=options.model_kwargs)
         plan = build_plan(suite, chosen_tasks, methods, backbone, cli=cli, sets=sets,
-                          default_image_size=default_image_size(backbone))
+                          default_image_size=default_image_size(backbone), teachers=teachers)
         store.add_bench(utc_now(), options.command or "python: vistune.bench.run_bench", plan.to_dict())
         summary = _sweep(plan, suite, root, backbone, out, store, options, console)
         if options.efficiency:
@@ -188,6 +191,30 @@ def _check_data(suite: Suite, tasks: list[Task], root: str | None) -> None:
             f"{how}; or run the tasks you have with --tasks "
             f"{','.join(t.name for t in needing if t.name not in missing) or '<task,…>'}",
         )
+
+
+def _teachers(suite: Suite, tasks: list[Task], root: str | None, template: str | None,
+              methods: list[str]) -> dict[str, dict]:
+    """The teacher artifact of every task, for ``distill:<method>`` labels (none needed otherwise): ``--teacher``
+    or the suite's [distill] teacher, with {task} and {root} filled in, each checked (and hashed) now."""
+    if not any(split_label(m)[0] is not None for m in methods):
+        return {}
+    template = template or suite.distill.get("teacher")
+    if not template:
+        raise VistuneError(f"--methods has distillation runs ({', '.join(m for m in methods if ':' in m)}) but no "
+                           "teacher is named", 'pass --teacher "<folder>/{task}" (a vistune run per task) or set '
+                           'teacher in the suite\'s [distill] table')
+    out = {}
+    for task in tasks:
+        path = template.replace("{task}", task.name).replace("{root}", str(root or ""))
+        try:
+            meta = check_artifact(path)
+        except VistuneError as e:
+            raise VistuneError(f"the teacher of task {task.name!r} ({template} → {path}): {e.what}",
+                               f"train one first, e.g. vistune train --backbone tf_efficientnet_lite2 --method linear "
+                               f"--data {suite.data_spec(task, root)} --out {path}") from None
+        out[task.name] = {"path": str(Path(path).resolve()), "tensors_sha256": meta["tensors_sha256"]}
+    return out
 
 
 def _pending_runs(plan: Plan, store: Store) -> tuple[int, int]:
@@ -263,11 +290,12 @@ def measure_methods(plan: Plan, backbone, store: Store, *, device: str, console:
                       markup=False)
         kwargs = dict(image_size=s["image_size"], batch_size=s["batch_size"], device=device,
                       **EFFICIENCY_PROTOCOL)
+        student = cell.student_method  # a distilled student costs what its method costs
         if spec is not None:
-            result = {**measure_in_subprocess(spec, method, cell.options, num_classes, **kwargs),
+            result = {**measure_in_subprocess(spec, student, cell.options, num_classes, **kwargs),
                       "process": "fresh"}
         else:
-            result = {**measure_efficiency(backbone, method, cell.options, num_classes, **kwargs),
+            result = {**measure_efficiency(backbone, student, cell.options, num_classes, **kwargs),
                       "process": "bench (shared)"}
         store.insert_efficiency(key, method, plan.backbone["name"], result, utc_now())
         measured += 1

@@ -3,7 +3,7 @@
     common     the console, shared argument groups (backbone, data, training), the help formatter
     info       methods, backbones            train      train, calibrate
     inference  eval, predict, export         bench      bench, report
-    remap      remap (weight selection, growth)
+    remap      remap (weight selection, growth)  distill    distill
     misc       data, demo, pretrain          serve      serve
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import VistuneError
-from . import bench, inference, info, misc, remap, serve, train
+from . import bench, distill, inference, info, misc, remap, serve, train
 from .common import HelpFormatter, console
 
 __all__ = ["main", "build_parser", "console"]
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vistune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (info, train, inference, remap, misc, bench, serve):
+    for group in (info, train, inference, remap, distill, misc, bench, serve):
         group.add_parsers(sub)
     return parser
 
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("train", "distill"):
             raise VistuneError(f"`vistune {args.command}` runs in one process; torchrun started several",
-                               "use torchrun only for `vistune train` (one data-parallel run); "
+                               "use torchrun only for `vistune train` or `vistune distill` (one data-parallel run); "
                                "run this command without torchrun")
         return args.func(args)
     except VistuneError as e:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         hint = ""  # bench prints its own message; the other commands write no checkpoint
-        if args.command == "train" and out:
+        if args.command in ("train", "distill") and out:
             hint = f"; continue with the same command plus --resume (checkpoint in {out})"
         elif args.command == "demo":
             hint = "; run the same command again: finished methods are reused, the interrupted one resumes"

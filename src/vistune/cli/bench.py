@@ -21,7 +21,9 @@ def add_parsers(sub) -> None:
                                      "retrain with several seeds, report test top-1); resumable")
     p.add_argument("--suite", required=True, metavar="S",
                    help="built-in suite (offline-mini, vtab-1k, fgvc) or the path of a suite .toml file")
-    p.add_argument("--methods", required=True, metavar="M,M,…", help="comma-separated methods, e.g. linear,bias,adapter")
+    p.add_argument("--methods", required=True, metavar="M,M,…",
+                   help="comma-separated methods, e.g. linear,bias,adapter; distill:METHOD trains METHOD by "
+                        "distillation from --teacher")
     add_backbone_args(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="bench folder: results.sqlite, runs/<task>/<method>/seed<k>/, report.md; re-run to resume")
@@ -35,6 +37,9 @@ def add_parsers(sub) -> None:
                    help="input size in pixels (default: the suite's, else the backbone's pretrained size)")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per step (default: the suite's)")
     p.add_argument("--test-size", type=int, metavar="N", help="fixed stratified test subset (default: the suite's)")
+    p.add_argument("--teacher", metavar="PATH",
+                   help="distill:METHOD runs: the teacher artifact of each task, e.g. teachers/{task} ({task}: the "
+                        "task's name, {root}: --data-root); default: the suite's [distill] teacher")
     p.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="method option (adapter.reduction=8) or per-method epochs/batch_size/optimizer/"
                         "warmup_epochs/lr_grid/wd_grid (linear.epochs=30); a bare KEY=VALUE applies to every "

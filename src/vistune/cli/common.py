@@ -55,8 +55,9 @@ def epoch_lines(progress: bool, prefix: str = ""):
 
 
 # ---- argument groups -----------------------------------------------------------------------
-def add_backbone_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--backbone", required=required, metavar="B",
+def add_backbone_args(p: argparse.ArgumentParser, required: bool = True, flag: str = "--backbone") -> None:
+    """The backbone options; ``flag``: its name (`vistune distill` calls it --student; the value is args.backbone)."""
+    p.add_argument(flag, required=required, metavar="B", dest="backbone",
                    help="timm model name, offline backbone (see `vistune backbones`), or timm architecture "
                         "with --checkpoint/--random-init")
     p.add_argument("--checkpoint", metavar="FILE", help="local backbone weights (.safetensors/.pth/.npz)")

@@ -22,6 +22,18 @@ def training_defaults(info) -> str:
     return f"{cls.default_optimizer}, base lr {lr:g} (× batch/256), warm-up {cls.default_warmup_fraction:.0%} of epochs"
 
 
+def _procedures():
+    """The remapping family's training procedures (methods/procedures.py): listed after the methods."""
+    from ..methods.procedures import PROCEDURES
+
+    return list(PROCEDURES.values())
+
+
+def procedure_description(info) -> str:
+    bench = f"; bench: `{info.name}:METHOD`" if info.bench else ""
+    return f"{info.description} (`{info.command}`; {info.paper}{bench})"
+
+
 def methods_markdown() -> str:
     """The methods table of README.md and docs/methods.md, generated from the registry."""
     rows = ["| method | category | kind | families | merges | description |", "|---|---|---|---|---|---|"]
@@ -29,6 +41,9 @@ def methods_markdown() -> str:
         merges = "yes" if info.method_class.mergeable else ""
         rows.append(f"| `{info.name}` | {info.category} | {', '.join(info.kinds)} | {', '.join(info.families)} | "
                     f"{merges} | {info.description.replace('|', '/')} |")
+    for proc in _procedures():
+        rows.append(f"| `{proc.name}` | {proc.category} | procedure | any (of its method) | | "
+                    f"{procedure_description(proc).replace('|', '/')} |")
     return "\n".join(rows)
 
 
@@ -41,6 +56,8 @@ def cmd_methods(args) -> int:
         table.add_column(col, no_wrap=col == "method")
     for info in _ordered():
         table.add_row(info.name, info.category, ", ".join(info.kinds), ", ".join(info.families), info.description)
+    for proc in _procedures():
+        table.add_row(proc.name, proc.category, "procedure", "any (of its method)", procedure_description(proc))
     print_table(console, table)
     if args.details:
         for info in sorted(_ordered(), key=lambda i: i.name):
@@ -55,8 +72,20 @@ def cmd_methods(args) -> int:
             for key, (tp, default, text) in fields.items():
                 t.add_row(key, tp, repr(default), text)
             print_table(console, t)
+        for proc in _procedures():
+            if proc.config_class is None:
+                console.print(f"{proc.name}: options are the flags of `{proc.command} --help`")
+                continue
+            t = Table(title=f"{proc.name} options (flags of `{proc.command}`; a bench suite's [{proc.name}] table)")
+            for col in ("key", "type", "default", "help"):
+                t.add_column(col)
+            for key, (tp, default, text) in proc.config_class.fields_help().items():
+                t.add_row(key, tp, repr(default), text)
+            print_table(console, t)
     else:
         console.print("Options and training defaults of each method: vistune methods --details")
+    console.print("procedure: a training procedure of the remapping family around a method (the student / remapped "
+                  "model is adapted by any method above; the result is that method's artifact)")
     return 0
 
 

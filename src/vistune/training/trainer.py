@@ -49,6 +49,7 @@ from ..methods import Method
 from . import distributed, lr_search
 from .lr_search import LrSearch
 from .metrics import confusion_matrix, scores_from_confusion
+from .objective import CrossEntropy, Objective
 from .recompute import honours_grad_checkpoint
 
 STATE_FILE = "train_state.pt"
@@ -261,17 +262,19 @@ class FeatureCache(Dataset):
         return self.features[i], self.targets[i]
 
 
-def _param_groups(model: Method, weight_decay: float):
+def _param_groups(model: Method, weight_decay: float, extra: nn.Module | None = None):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = [*model.named_parameters(), *(extra.named_parameters() if extra is not None else [])]
+    for name, p in named:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _make_optimizer(model: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+def _make_optimizer(model: Method, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD/AdamW over the model's trainable parameters and ``extra``'s (an objective's own trainable part)."""
+    groups = _param_groups(model, cfg.weight_decay, extra)
     lr = cfg.effective_lr(model)
     if cfg.resolved_optimizer(model) == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
@@ -439,7 +442,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
           augment: bool = False, batch_transform=None,
           on_step: Callable[[int, int], None] | None = None,
           on_epoch: Callable[[dict, int], None] | None = None, job_identity: dict | None = None,
-          notify: Callable[[str], None] | None = None) -> TrainResult:
+          notify: Callable[[str], None] | None = None, objective: Objective | None = None) -> TrainResult:
     """Train ``model``'s tuned parameters; loads the best-val (or last) state into it at the end.
 
     ``batch_transform`` (e.g. random crops done on the GPU) is applied to each training batch on
@@ -450,7 +453,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     field is refused before any work, naming each field that differs. ``on_step(done, total)`` is called after
     every training step (e.g. a caller's own progress bar: `vistune bench` shows one per run); ``on_epoch(record,
     epochs)`` after every epoch with its history record (the CLI's line per epoch where no bar shows).
-    ``notify(line)`` hears what ``lr="auto"`` tried and chose.
+    ``notify(line)`` hears what ``lr="auto"`` tried and chose. ``objective``: what a step minimises and what
+    its items carry (:mod:`.objective`; default: cross-entropy with the labels).
     """
     device = resolve_device(cfg.device)
     state_path = Path(out_dir) / STATE_FILE if out_dir is not None else None
@@ -476,6 +480,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             train_set = FeatureCache(model, train_set, device, bs, cfg.amp, progress, "features (train)")
             val_set = FeatureCache(model, val_set, device, bs, cfg.amp, progress, "features (val)")
         net = model.head
+    objective = objective or CrossEntropy(cfg.label_smoothing, segmentation)
+    train_set = objective.training_set(train_set, cfg=cfg, device=device, progress=progress)
     if len(train_set) < cfg.batch_size:
         raise VistuneError(
             f"the training split has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}",
@@ -483,18 +489,23 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         )
     # one process: net itself; under torchrun: DDP around it, averaging gradients over the processes.
     # Buffers (BatchNorm running statistics) are not broadcast each step but averaged after each epoch.
-    step_net = net if world == 1 else DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    step_module = objective.step_module(model, net)
+    step_net = step_module if world == 1 else DistributedDataParallel(
+        step_module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: BatchNorm heads need batches > 1
-    # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=IGNORE_INDEX if segmentation else -100)
     search = None
     run_cfg = cfg  # cfg with lr="auto" resolved; cfg itself (as the user gave it) is what a resume must match
     if cfg.lr == "auto":
+        if not isinstance(objective, CrossEntropy):
+            raise VistuneError(f"--lr auto searches with the cross-entropy loss, not {type(objective).__name__}",
+                               "give the lr (--lr), e.g. the one `vistune train --lr auto` chose for this method")
+        # segmentation: per-pixel cross-entropy over (B, K, H, W) logits, mask value 255 ignored
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
+                                      ignore_index=IGNORE_INDEX if segmentation else -100)
         search = _auto_lr(model, net, step_net, train_set, val_set, cfg, device, loss_fn, out_dir, resume, notify)
         run_cfg = dataclasses.replace(cfg, lr=search.chosen)
     base_lr = run_cfg.base_lr(model)
-    optimizer = _make_optimizer(model, run_cfg)
+    optimizer = _make_optimizer(model, run_cfg, objective.trainable)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     schedule = dataclasses.replace(run_cfg, warmup_epochs=run_cfg.warmup(model))  # the method's warm-up resolved
     warmup_steps = run_cfg.warmup_steps(model, steps_per_epoch)  # a run too short for a whole warm-up epoch
@@ -503,6 +514,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"], strict=False)
+            objective.load_state_dict(ckpt.get("objective", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise _corrupt(state_path, f"its tensors do not fit the model ({type(e).__name__})") from None
@@ -532,8 +544,9 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         steps_started = phases.start()
         correct, label_counts = 0, torch.zeros(model.num_classes, dtype=torch.long, device=device)
         check.start_epoch()
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y, *extras) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            extras = [e.to(device, non_blocking=True) for e in extras]  # what the objective's items carry
             if batch_transform is not None:
                 x = batch_transform(x)
             if warmup_steps:
@@ -541,15 +554,17 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
                 for g, lr in zip(optimizer.param_groups, epoch_lrs):
                     g["lr"] = lr * ramp
             with _autocast(device, cfg.amp):
-                logits = step_net(x)
-            loss = loss_fn(logits.float(), y)
+                output = step_net(x, *extras)
+            loss = objective.loss(output, y)
             # the global batch's loss (equal shares: the mean of the processes' means); every process
             # sees the same value, so a divergence stops all of them at the same step
             batch_loss = distributed.sum_across([loss.item()], device)[0] / world
             check.step(batch_loss, epoch, step, optimizer.param_groups[0]["lr"])
-            if not segmentation:
-                correct += int((logits.detach().argmax(1) == y).sum())
-                label_counts += torch.bincount(y, minlength=model.num_classes)
+            if not segmentation:  # labelled items only (distillation's unlabelled images have label -1)
+                labelled = y >= 0
+                predicted = objective.logits(output).detach().argmax(1)
+                correct += int((predicted[labelled] == y[labelled]).sum())
+                label_counts += torch.bincount(y[labelled], minlength=model.num_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -586,7 +601,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             best_val, best_epoch = val[select_on], epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.tuned_state_dict().items()}
         if state_path is not None and distributed.is_main():
-            ckpt = {"epoch": epoch, "model": model.tuned_state_dict(), "optimizer": optimizer.state_dict(),
+            ckpt = {"epoch": epoch, "model": model.tuned_state_dict(), "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
                     "best_val": best_val, "best_epoch": best_epoch, "best_state": best_state,
                     "history": history, "elapsed": elapsed, "identity": identity}
             try:
