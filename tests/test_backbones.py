@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vistune.backbones import BackboneView, BeitView, EvaView, SwinV2View, ViTView, load_backbone
-from vistune.backbones.catalog import TIMM_FAMILIES
+from vistune.backbones.catalog import SLOW_FAMILIES, TIMM_FAMILIES
 from vistune.backbones.swin import PromptedWindowAttentionV2, v2_position_bias
 from vistune.errors import VistuneError
 from vistune.methods import METHODS, adapt, make_config
@@ -18,7 +18,7 @@ X = torch.randn(2, 3, 32, 32)
 
 
 def _tiny(family: str):
-    cfg = TIMM_FAMILIES[family]
+    cfg = {**TIMM_FAMILIES, **SLOW_FAMILIES}[family]
     return load_backbone(cfg.architecture, random_init=True, model_kwargs=cfg.model_kwargs)
 
 

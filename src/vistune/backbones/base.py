@@ -190,7 +190,11 @@ class BackboneView(nn.Module):
         """Which of ``modules`` the model's forward calls as modules (one dummy pass). Some attentions read a
         Linear's weight directly (``F.linear(x, qkv.weight, q/v bias)``): wrapping such a Linear changes nothing."""
         seen: set[int] = set()
-        hooks = [m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod))) for m in modules]
+        self._dummy_forward([m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod))) for m in modules])
+        return [id(m) in seen for m in modules]
+
+    def _dummy_forward(self, hooks: list) -> None:
+        """One ``forward_features`` pass of a zero image at the model's input size; removes ``hooks`` after."""
         try:
             with torch.no_grad():
                 p = next(self.model.parameters())
@@ -198,7 +202,6 @@ class BackboneView(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        return [id(m) in seen for m in modules]
 
     def layouts(self, modules: list[nn.Module]) -> list[Layout | None]:
         """The layout of each module's output, read off one dummy forward pass (None: not a single 3-D/4-D tensor,
@@ -209,14 +212,7 @@ class BackboneView(nn.Module):
         def record(module, inputs, output) -> None:
             outputs.setdefault(id(module), output)
 
-        hooks = [m.register_forward_hook(record) for m in modules]
-        try:
-            with torch.no_grad():
-                p = next(self.model.parameters())
-                self.model.forward_features(torch.zeros(1, 3, *self.input_size(), device=p.device, dtype=p.dtype))
-        finally:
-            for h in hooks:
-                h.remove()
+        self._dummy_forward([m.register_forward_hook(record) for m in modules])
         nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         result: list[Layout | None] = []
         for m in modules:
