@@ -12,12 +12,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .base import BackboneView
+from .base import ATTENTION_BLOCKS, BackboneView
 
 
 class ViTView(BackboneView):
     family = "vit"
-    seams = frozenset({"tokens"})
+    seams = frozenset({"tokens", ATTENTION_BLOCKS})
     transformer = True
 
     @property
