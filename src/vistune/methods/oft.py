@@ -1,7 +1,7 @@
 """OFT (Qiu et al., NeurIPS 2023) through HF peft: W' = W R, R block-diagonal orthogonal (Cayley of skew blocks).
 
 Each targeted layer's input space is rotated by a block-diagonal orthogonal matrix: in/b blocks of size b, each
-the Cayley transform (I + Q)(I − Q)⁻¹ of a learned skew-symmetric Q (b(b−1)/2 parameters per block). Q starts at 0
+the Cayley transform (I − Q)(I + Q)⁻¹ of a learned skew-symmetric Q (b(b−1)/2 parameters per block). Q starts at 0
 (R = I), so step 0 is the frozen model; the rotation keeps the pairwise angles of the frozen neurons. peft shrinks b
 to a divisor of the input size where b does not divide it. Targets: W_q, W_v on the transformer views (as vistune's
 LoRA; the OFT paper tunes diffusion models), every Linear on the generic view. Mergeable: R folds into W. Linear
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import VistuneError
 from .base import option, register
@@ -25,6 +26,9 @@ class OFTConfig(PeftMethodConfig):
     coft: bool = option(False, "constrained OFT: keep R within eps of I (the paper's COFT)")
     eps: float = option(6e-5, "COFT's radius around I (only with coft)")
     dropout: float = option(0.0, "multiplicative dropout: each block's rotation replaced by I with this probability")
+    cayley: Literal["exact", "neumann"] = option(
+        "exact", "exact: R = (I − Q)(I + Q)⁻¹, the paper's Cayley transform; neumann: peft's default 5-term Neumann "
+                 "series (faster, orthogonal only approximately)")
 
     def validate(self):
         if self.block_size < 2:
@@ -50,5 +54,5 @@ class OFT(PeftMethod):
         c = self.config
         return require_peft().OFTConfig(
             r=0, oft_block_size=c.block_size, target_modules=exact_names(targets), coft=c.coft, eps=c.eps,
-            module_dropout=c.dropout, bias="none",
+            module_dropout=c.dropout, use_cayley_neumann=c.cayley == "neumann", bias="none",
         )

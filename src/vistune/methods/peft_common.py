@@ -246,7 +246,13 @@ class PeftMethod(ModuleTuner, abc.ABC):
             spec = self.default_targets["transformer" if backbone.transformer else "generic"]
             if backbone.transformer and not qkv_runs_as_module(backbone):
                 spec = self.fallback_targets
-        targets = resolve_targets(backbone, spec)
+        try:
+            targets = resolve_targets(backbone, spec)
+        except VistuneError as e:
+            if not (self.linear_only and spec == "linear"):
+                raise
+            raise VistuneError(f"{self.info.name}: {e.what}: this method's peft layers take nn.Linear only, and the "
+                               "forward of this model calls none", "use lora, ia3 or ssf on this backbone") from None
         convs = sorted(n for n, role in targets.items() if role in ("conv", "pointwise"))
         if self.linear_only and convs:
             raise VistuneError(f"{self.info.name}: targets={spec!r} include convolutions ({convs[0]}, ...), but this "
