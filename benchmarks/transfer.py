@@ -23,6 +23,20 @@ SGD_GRID = [0.1, 0.5, 2.0]
 ADAMW_GRIDS = {"full": [3e-4, 1e-3], "sct": [3e-3, 1e-2, 3e-2]}  # methods that default to AdamW
 
 
+def lr_grid(method: str) -> list[float]:
+    """The base lrs tried for a method: its AdamW grid, else ⅓×, 1×, 3× its default AdamW lr where it defaults to
+    AdamW (FacT, DiffFit), else the SGD grid."""
+    from vistune.methods import resolve_method
+
+    if method in ADAMW_GRIDS:
+        return ADAMW_GRIDS[method]
+    cls = resolve_method(method)[0].method_class
+    if cls.default_optimizer == "adamw":
+        lr = cls.default_lrs.get("adamw", 1e-3)
+        return [lr / 3, lr, lr * 3]
+    return SGD_GRID
+
+
 def run_task(args) -> list[dict]:
     from vistune.backbones import load_backbone
     from vistune.data import load_data
@@ -44,7 +58,7 @@ def run_task(args) -> list[dict]:
             train_tf, eval_tf = transforms_for(preprocessing_for(backbone, probe))
             data = load_data(args.task, train_transform=train_tf, eval_transform=eval_tf, train_size=800,
                              val_size=200, test_size=args.test_size, seed=args.seed)
-        grid = ADAMW_GRIDS.get(method, SGD_GRID)
+        grid = lr_grid(method)
         best = None
         for lr in grid:
             job = Job(backbone=args.backbone, method=method, data=args.task, random_init=random_init,

@@ -76,6 +76,10 @@ def _post_norm(backbone, block: nn.Module) -> bool:
                       "branch; mergeable")
 class DiffFit(ModuleTuner):
     mergeable = True
+    # AdamW as the paper (which tunes DiT); base lr (× batch/256) 4e-3 = 1e-3 at batch 64, the AdamW lr of FacT's
+    # official ViT-B recipe, since the paper's lr is for DiT; not grid-measured
+    default_optimizer = "adamw"
+    default_lrs = {"adamw": 4e-3}
 
     @classmethod
     def tuned_backbone_parameters(cls, backbone, config):
