@@ -68,8 +68,8 @@ def run_task(args) -> list[dict]:
         for lr in grid:
             job = Job(backbone=args.backbone, method=method, data=args.task, random_init=random_init,
                       image_size=args.image_size,
-                      train=TrainConfig(epochs=args.epochs, batch_size=32, lr=lr, seed=args.seed, device=args.device,
-                                        optimizer="adamw" if method in ADAMW_GRIDS else "sgd"))
+                      train=TrainConfig(epochs=args.epochs, batch_size=32, lr=lr, seed=args.seed,
+                                        device=args.device))  # the method's default optimizer: lr_grid follows it
             try:
                 m = run_job(job, backbone=backbone, data=data, progress=False)
             except TrainingDiverged as e:  # a diverged grid point is a failed setting, not a failed sweep

@@ -18,11 +18,15 @@ from vistune.artifacts import load_artifact, save_artifact
 from vistune.cli import main
 from vistune.errors import VistuneError
 from vistune.merge import inference_preprocessing, merge
+from vistune.methods import METHODS, adapt, make_config
 from vistune.run import Job, preprocessing_for, transforms_for
-from vistune.methods import adapt, make_config
 
 X = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-MERGEABLE = ["lora", "dora", "ia3", "ln-tuning", "ssf", "bias"]
+MERGEABLE = ["lora", "dora", "ia3", "ln-tuning", "ssf", "bias", "fact-tt", "fact-tk", "difffit", "vera", "oft", "boft",
+             "fourierft"]
+# transformer-only methods and peft methods with Linear-only layers do not apply to the tiny EfficientNet
+ON_CNNS = [n for n in MERGEABLE if not METHODS[n].needs and not getattr(METHODS[n].method_class, "linear_only", False)]
+CASES = [(n, k) for k in ("vit", "swin", "efficientnet") for n in MERGEABLE if k != "efficientnet" or n in ON_CNNS]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,11 +50,11 @@ def _stock_with_head(backbone):
     return stock
 
 
-@pytest.mark.parametrize("kind", ["vit", "swin", "efficientnet"])
-@pytest.mark.parametrize("name", MERGEABLE)
+@pytest.mark.parametrize("name,kind", CASES)
 def test_merged_model_is_stock_timm_with_the_same_logits(tiny_backbones, name, kind):
     backbone = tiny_backbones(kind)
-    model = _adapted(backbone, name, **({"targets": "qv+mlp"} if name == "lora" and kind != "efficientnet" else {}))
+    sets = {"targets": "qv+mlp"} if name == "lora" and kind != "efficientnet" else {"rank": 4} if name == "fact-tk" else {}
+    model = _adapted(backbone, name, **sets)
     with torch.no_grad():
         adapted = model(X)
         merged = merge(model)

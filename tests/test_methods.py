@@ -15,12 +15,23 @@ FAMILY_KINDS = ["vit", "vit_reg_avg", "deit_distilled", "swin", "efficientnet", 
 OVERRIDES = {"sidetune": {"side_network": "mobilenetv3_small_050", "side_pretrained": False},
              "partial": {"k": 1}, "mlp": {"k": 2}, "vpt-shallow": {"num_tokens": 3},
              "vpt-deep": {"num_tokens": 3, "project_dim": 8}, "vpt-pad": {"width": 2, "image_size": IMAGE_SIZE},
-             "pgn": {"num_prompts": 3, "library_size": 8, "generator_width": 4}}
+             "pgn": {"num_prompts": 3, "library_size": 8, "generator_width": 4},
+             "fact-tk": {"rank": 4}, "e2vpt": {"num_prompts": 3, "num_kv": 2}, "fourierft": {"n_frequency": 64}}
+
+
+NO_LINEAR_KINDS = ["efficientnet", "resnet", "convnext", "mobilenet"]  # tiny CNNs whose forward calls no nn.Linear
+
+
+def _linear_only(name) -> bool:
+    """peft methods whose layers take nn.Linear only: they refuse a CNN without one (test below)."""
+    return getattr(METHODS[name].method_class, "linear_only", False)
 
 
 def _cases():
     for name, info in sorted(METHODS.items()):
         for kind in FAMILY_KINDS:
+            if _linear_only(name) and kind in NO_LINEAR_KINDS:
+                continue
             if info.supports(view_class_for(timm.create_model(TINY[kind][0], pretrained=False, **TINY[kind][1]))):
                 yield pytest.param(name, kind, id=f"{name}-{kind}")
 
@@ -66,6 +77,14 @@ def test_method_matrix(name, kind, tiny_backbones, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
     assert meta["method"] == name
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if _linear_only(n)))
+def test_linear_only_peft_methods_refuse_cnns_without_linears(name, tiny_backbones):
+    with pytest.raises(VistuneError, match="targets='linear' matches no module"):
+        adapt(tiny_backbones("efficientnet"), make_config(name), 3)
+    with pytest.raises(VistuneError, match="hold only for nn.Linear"):
+        adapt(tiny_backbones("resnet"), make_config(name, {"targets": "conv"}), 3)
 
 
 @pytest.mark.parametrize("name", ["linear", "mlp"])

@@ -55,6 +55,10 @@ def test_sidetune_formula(vit_b16):
     ("ia3", {}, L * (D + D + 4 * D)),  # k and v outputs, fc2's 4D-wide input
     ("ln-tuning", {}, (2 * L + 1) * 2 * D),  # norm1, norm2 per block and the final norm
     ("ssf", {}, (L * (3 + 1 + 4 + 1 + 1 + 1) + 1 + 1) * 2 * D),  # qkv, proj, fc1, fc2, 2 LNs; patch embed, norm
+    ("vera", {}, L * 2 * (256 + D)),  # = 24,576: d (r = 256) and b (D) on W_q, W_v (VeRA paper Table 4: 24.6K)
+    ("fourierft", {}, L * 2 * 3000),  # = 72,000: n = 3000 on W_q, W_v (FourierFT paper, ViT-B: 72K)
+    ("oft", {}, L * 2 * (D // 32) * (32 * 31 // 2)),  # = 285,696: 24 skew blocks of b = 32 (peft's storage)
+    ("boft", {}, L * 2 * ((D // 4) * 4 * 4 + D)),  # = 92,160: one factor of 192 4×4 blocks + s (peft's storage)
 ])
 def test_weight_space_formulas(vit_b16, name, overrides, expected):
     counts = count_parameters(adapt(vit_b16, make_config(name, overrides), C))

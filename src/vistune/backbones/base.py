@@ -73,6 +73,11 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name), child, new)
 
 
+# the seam of the transformer views (``transformer = True``): blocks() are attention + MLP blocks on a residual
+# stream, each with ``attn`` (its output projection ``attn.proj``) and ``mlp`` (its last Linear ``mlp.fc2``)
+ATTENTION_BLOCKS = "attention-blocks"
+
+
 class BackboneView(nn.Module):
     """A frozen timm model seen through the interface every method uses: the generic view of any timm model.
 
@@ -80,7 +85,9 @@ class BackboneView(nn.Module):
     sequence, ``forward_tokens``; ``"window-prompts"``: extra keys/values in window attention) and module tuners
     (``"attn-mlp"``: ``blocks()`` are transformer blocks with ``attn`` and ``mlp`` sub-layers), and set
     ``transformer`` when their ``blocks()`` are pre-norm transformer blocks (``attn`` + ``mlp``), where module
-    tuners keep their transformer placements (adapter after the FFN, LoRA on W_q/W_v, ...).
+    tuners keep their transformer placements (adapter after the FFN, LoRA on W_q/W_v, ...). Such views also offer
+    the seam ``"attention-blocks"`` (:data:`ATTENTION_BLOCKS`): module tuners defined on the weight matrices or the
+    residual branches of transformer blocks (FacT, DiffFit) need it, so they are refused on every other view.
     """
 
     family: ClassVar[str] = "generic"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneView, Borrowed
+from .base import ATTENTION_BLOCKS, BackboneView, Borrowed
 
 
 class PromptedWindowAttention(nn.Module):
@@ -111,7 +111,7 @@ class PromptedWindowAttentionV2(PromptedWindowAttention):
 
 class SwinView(BackboneView):
     family = "swin"
-    seams = frozenset({"window-prompts", "attn-mlp"})
+    seams = frozenset({"window-prompts", "attn-mlp", ATTENTION_BLOCKS})
     transformer = True
 
     def stages(self) -> list[nn.Module]:

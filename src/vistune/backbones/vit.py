@@ -12,12 +12,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .base import BackboneView
+from .base import ATTENTION_BLOCKS, BackboneView
 
 
 class ViTView(BackboneView):
     family = "vit"
-    seams = frozenset({"tokens", "attn-mlp"})
+    seams = frozenset({"tokens", "attn-mlp", ATTENTION_BLOCKS})
     transformer = True
 
     @property

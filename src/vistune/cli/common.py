@@ -97,7 +97,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
                    help="weight decay (never on biases and norm parameters)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
-                   help="default: the method's (AdamW; SGD momentum 0.9 for vpt-shallow, vpt-deep, pgn)")
+                   help="default: the method's (SGD momentum 0.9 or AdamW: `vistune methods --details` says which)")
     p.add_argument("--warmup-epochs", type=int, default=None, metavar="N",
                    help="linear warm-up epochs before the cosine schedule (default: 10%% of --epochs)")
     p.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="label smoothing of the loss")

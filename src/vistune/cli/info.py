@@ -94,7 +94,8 @@ def cmd_methods(args) -> int:
 SUPPORT_OVERRIDES = {"sidetune": {"side_network": "test_efficientnet", "side_pretrained": False},
                      "vpt-shallow": {"num_tokens": 3}, "vpt-deep": {"num_tokens": 3, "project_dim": 8},
                      "pgn": {"num_prompts": 3, "library_size": 8, "generator_width": 4},
-                     "partial": {"k": 1}, "mlp": {"k": 2}}
+                     "partial": {"k": 1}, "mlp": {"k": 2}, "fact-tk": {"rank": 4},
+                     "e2vpt": {"num_prompts": 3, "num_kv": 2}, "fourierft": {"n_frequency": 64}}
 
 
 FAILS = "FAILS (a bug, not a refusal) — "

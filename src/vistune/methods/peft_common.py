@@ -1,4 +1,5 @@
-"""Shared glue for the weight-space methods that run on HF peft (LoRA, DoRA, IA3, LN-tuning).
+"""Shared glue for the weight-space methods that run on HF peft (LoRA, DoRA, IA3, LN-tuning, VeRA, OFT, BOFT,
+FourierFT).
 
 peft injects its layers into the *copy* of the timm model that ``adapt()`` hands the method, so
 the caller's backbone is never touched; every frozen tensor stays shared with it.
@@ -255,6 +256,7 @@ class PeftMethod(ModuleTuner, abc.ABC):
     mergeable = True  # peft merges its layers; the split qkv folds back (Foldable)
     default_targets = {"transformer": "qv", "generic": "dense"}
     fallback_targets = "mlp"  # transformer views whose attention reads the qkv weight directly (no q/k/v layer)
+    linear_only = False  # True: the method's peft layers take nn.Linear only (conv targets are refused)
 
     def attach(self):
         self.targets = self.select_targets(self.backbone, self.config)
@@ -271,7 +273,19 @@ class PeftMethod(ModuleTuner, abc.ABC):
             spec = self.default_targets["transformer" if backbone.transformer else "generic"]
             if backbone.transformer and not qkv_runs_as_module(backbone):
                 spec = self.fallback_targets
-        return resolve_targets(backbone, spec)
+        try:
+            targets = resolve_targets(backbone, spec)
+        except VistuneError as e:
+            if not (self.linear_only and spec == "linear"):
+                raise
+            raise VistuneError(f"{self.info.name}: {e.what}: this method's peft layers take nn.Linear only, and the "
+                               "forward of this model calls none", "use lora, ia3 or ssf on this backbone") from None
+        convs = sorted(n for n, role in targets.items() if role in ("conv", "pointwise"))
+        if self.linear_only and convs:
+            raise VistuneError(f"{self.info.name}: targets={spec!r} include convolutions ({convs[0]}, ...), but this "
+                               "method's peft layers (or their merge) hold only for nn.Linear",
+                               "use --set targets=linear (every Linear of the model)")
+        return targets
 
     @abc.abstractmethod
     def peft_config(self, targets: dict[str, str]):
