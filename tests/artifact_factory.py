@@ -8,6 +8,7 @@ import torch
 
 from conftest import IMAGE_SIZE
 from vistune.artifacts import save_artifact
+from vistune.errors import VistuneError
 from vistune.methods import METHODS, adapt, make_config
 
 # small, fast settings; every other option is the method's default
@@ -21,8 +22,20 @@ SETTINGS = {
 
 
 def methods_for(view) -> list[str]:
-    """The methods that run on a backbone view (or view class)."""
-    return sorted(n for n, i in METHODS.items() if i.supports(view))
+    """The methods that run on a backbone view (or view class); on a view, also those that do not refuse its
+    model when built (e.g. peft's Linear-only methods on a CNN whose forward calls no Linear)."""
+    names = sorted(n for n, i in METHODS.items() if i.supports(view))
+    if isinstance(view, type):
+        return names
+    return [n for n in names if _builds(view, n)]
+
+
+def _builds(backbone, method: str) -> bool:
+    try:
+        adapt(backbone, make_config(method, SETTINGS.get(method, {}), image_size=IMAGE_SIZE), 3)
+    except VistuneError:
+        return False
+    return True
 
 
 def perturbed(backbone, method: str, num_classes: int, seed: int, sets: dict | None = None):

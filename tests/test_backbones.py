@@ -136,8 +136,7 @@ def test_swinv2_prompted_cosine_attention_matches_naive_math(tiny):
 def test_families_column_is_generated_from_the_needs():
     assert METHODS["pgn"].families == ("vit", "eva", "beit")
     assert METHODS["vpt-shallow"].families == ("vit", "eva", "beit", "swin", "swinv2")
-    assert all(info.families == ("any",) for name, info in METHODS.items() if name not in ("pgn", "vpt-shallow",
-                                                                                              "vpt-deep"))
+    assert all((info.families == ("any",)) == (not info.needs) for info in METHODS.values())
 
 
 def test_peft_on_attention_that_reads_its_qkv_weight(tiny):

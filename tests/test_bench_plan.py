@@ -82,11 +82,13 @@ def _old_store(out, arch, model_kwargs):
     """results.sqlite as the plain-dict plan code wrote it: one bench of linear on digits, its 2 selection runs
     and its 1 final run done. Everything literal: the plan's JSON and the run keys are the stored format."""
     backbone = {"name": arch, "architecture": arch, "source": "random-init", "model_kwargs": model_kwargs}
-    settings = {"image_size": 32, "epochs": 1, "batch_size": 8, "optimizer": None, "warmup_epochs": None,
+    # optimizer "sgd": the suites' default since the methods' own defaults moved to AdamW (stores from before
+    # hold None there, so their runs train again)
+    settings = {"image_size": 32, "epochs": 1, "batch_size": 8, "optimizer": "sgd", "warmup_epochs": None,
                 "lr_grid": [0.5, 1.0], "wd_grid": [0.0], "seeds": [3], "train_size": 24, "val_size": 6,
                 "test_size": None, "normalization": "pretrained_cfg", "augment": False, "data_seed": 0}
     base = {"suite": "old", "task": "digits", "data": "digits", "method": "linear", "options": {},
-            "backbone": backbone, "epochs": 1, "batch_size": 8, "optimizer": None, "warmup_epochs": None,
+            "backbone": backbone, "epochs": 1, "batch_size": 8, "optimizer": "sgd", "warmup_epochs": None,
             "image_size": 32, "normalization": "pretrained_cfg", "augment": False, "train_size": 24, "val_size": 6,
             "data_seed": 0}
     select = [{"lr": lr, "wd": 0.0, "seed": 3, "key": _key({**base, "phase": "select", "lr": lr, "wd": 0.0, "seed": 3})}

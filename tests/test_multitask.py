@@ -38,7 +38,9 @@ def test_mixed_batch_equals_every_artifact_alone(tiny_backbones, tmp_path, kind)
                                    keep=models)
     mt = MultiTask(backbone, dirs)
     runs = {d["task"]: d for d in mt.describe()}
-    assert {t for t, d in runs.items() if d["run"] == "own"} == {"full"}  # every other method shares the pass
+    # every other method shares the pass; VQT's query tokens and E²VPT's key-value prompts are not routed per row
+    # yet, so those tasks run their own pass in the same call
+    assert {t for t, d in runs.items() if d["run"] == "own"} == {"full"} | ({"vqt", "e2vpt"} & set(tasks))
 
     names = list(dirs) * 2
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(0)).tolist()
@@ -55,7 +57,9 @@ def test_mixed_batch_equals_every_artifact_alone(tiny_backbones, tmp_path, kind)
         with torch.no_grad():
             expected = alone(x[idx])
             if not alone.trains_head_only:  # the task really changes the frozen model (the test would see a slip)
-                assert (alone.features(x[idx]) - backbone.forward_features(x[idx])).abs().max() > 1e-4, name
+                feats, stock = alone.features(x[idx]), backbone.forward_features(x[idx])
+                # VQT's features are the pooled feature beside its query outputs: another shape, plainly changed
+                assert feats.shape != stock.shape or (feats - stock).abs().max() > 1e-4, name
         got = torch.stack([rows[i] for i in idx])
         assert got.shape == expected.shape == (len(idx), alone.num_classes)
         assert (got - expected).abs().max() < 1e-5, (name, (got - expected).abs().max().item())

@@ -231,16 +231,21 @@ def test_cnn_stage_module_by_hand(tiny_backbones):
         assert torch.allclose(model.features(X[:3]), expected, atol=1e-4)
 
 
-def test_unsupported_block_type_is_a_clear_error():
+def test_other_block_types_get_sct_at_each_block_output():
+    """A ViT whose blocks are not timm's stock Block (here ResPostBlock): SCT cannot sit between the residuals,
+    so it takes the generic view's reading — an SCT module on the output of every block — and leaves the
+    caller's backbone unwrapped."""
     from timm.models.vision_transformer import ResPostBlock
+
+    from vistune.methods.sct import SCTStage
 
     backbone = load_backbone("vit_tiny_patch16_224", random_init=True,
                              model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                                block_fn=ResPostBlock))
-    before = type(backbone.model.blocks[0])
-    with pytest.raises(VistuneError, match="ResPostBlock, not timm's stock ViT Block"):
-        adapt(backbone, make_config("sct"), 3)
-    assert type(backbone.model.blocks[0]) is before
+    model = adapt(backbone, make_config("sct"), 3)
+    assert [type(b) for b in model.backbone.model.blocks] == [SCTStage, SCTStage]
+    assert all(type(b) is ResPostBlock for b in backbone.model.blocks)
+    assert model(X[:2]).shape == (2, 3)
 
 
 # ------------------------------------------------------------------------------------ calibration

@@ -29,7 +29,7 @@ To sit inside the block, each stock timm block (ViT ``Block``, Swin ``SwinTransf
 in :class:`SCTBlock`, whose forward re-composes the block's own forward from the block's OWN stock
 submodules (norm1, attn / Swin's ``_attn``, ls1, drop_path1, norm2, mlp, ls2, drop_path2) in
 timm's exact order; attention itself is never rewritten. Without an SCT module (or with a zero
-one) the wrapped block is bit-identical to the stock block. Other block types are refused.
+one) the wrapped block is bit-identical to the stock block. Other block types get the reading below.
 Swin: K is taken per stage (stage width × ratio); the official Swin code has ``sct_attn`` only, the other two
 placements sit at the same points of the Swin block.
 
