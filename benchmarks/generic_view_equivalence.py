@@ -30,7 +30,9 @@ def measure(backbone: str, method: str, args) -> dict:
     torch.set_num_threads(args.threads)
     size = 32 if backbone.startswith("vistune/") else args.image_size
     job = Job(backbone=backbone, method=method, data="digits", image_size=size, train_size=args.train_size,
-              val_size=args.val_size, train=TrainConfig(epochs=args.epochs, batch_size=32, seed=0, device="cpu"))
+              val_size=args.val_size, train=TrainConfig(epochs=args.epochs, batch_size=32, seed=0, device="cpu",
+                                                        optimizer=args.optimizer, lr=args.lr,
+                                                        warmup_epochs=args.warmup_epochs))
     metrics = run_job(job, progress=False)
     model = metrics["model"]
     digest = hashlib.sha256()
@@ -51,6 +53,10 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=320)
     p.add_argument("--val-size", type=int, default=80)
     p.add_argument("--threads", type=int, default=1)
+    # the recipe is pinned: the two trees may have other method defaults (e.g. before/after docs/defaults.md)
+    p.add_argument("--optimizer", default="adamw", help="the optimizer of every run in both trees")
+    p.add_argument("--lr", type=float, default=0.01, help="the base lr of every run in both trees")
+    p.add_argument("--warmup-epochs", type=int, default=0, help="warm-up epochs of every run in both trees")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     configs = [(b, m) for b in args.backbones.split(",") for m in args.methods.split(",")]
