@@ -159,3 +159,21 @@ def test_scaled_weight_standardised_convs_scale_their_output_and_merge_into_thei
 def test_weight_standardised_convs_without_a_gain_are_not_ssf_ops():
     model = torch.nn.Sequential(StdConv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4))
     assert ssf_ops(model) == ["1"]
+
+
+def test_a_linear_whose_output_is_overwritten_in_place_still_back_propagates():
+    """Swin V2's cpb_mlp is Linear → ReLU(inplace=True) → Linear: the saved-output form would see its saved
+    tensor changed by the ReLU, so such a Linear saves op(x) instead; the gradients are the folded form's."""
+    from vistune.methods.ssf import _overwritten_in_place
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 3))
+    assert _overwritten_in_place(mlp, "0") and not _overwritten_in_place(mlp, "2")
+    wrapped = torch.nn.Sequential(ScaleShift(mlp[0], "paper", _overwritten_in_place(mlp, "0")), mlp[1], mlp[2])
+    x = torch.randn(5, 2)
+    wrapped(x).sum().backward()  # the saved-output form raised "modified by an inplace operation" here
+    got = wrapped[0].scale.grad.clone()
+    wrapped[0].scale.grad = None
+    folded = functional_call(mlp[0], wrapped[0].folded(), (x,))
+    mlp[2](torch.relu(folded)).sum().backward()
+    assert torch.allclose(got, wrapped[0].scale.grad, atol=1e-6)

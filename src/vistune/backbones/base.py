@@ -200,6 +200,17 @@ class BackboneView(nn.Module):
         self._dummy_forward([m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod))) for m in modules])
         return [id(m) in seen for m in modules]
 
+    def input_ndims(self, modules: list[nn.Module]) -> list[int | None]:
+        """The number of dims of each module's first input in one dummy pass (None: not called as a module)."""
+        ndims: dict[int, int] = {}
+
+        def record(mod, args) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                ndims.setdefault(id(mod), args[0].ndim)
+
+        self._dummy_forward([m.register_forward_pre_hook(record) for m in modules])
+        return [ndims.get(id(m)) for m in modules]
+
     def _dummy_forward(self, hooks: list) -> None:
         """One ``forward_features`` pass of a zero image at the model's input size; removes ``hooks`` after."""
         try:

@@ -44,6 +44,7 @@ class OFT(PeftMethod):
     Config = OFTConfig
     default_targets = {"transformer": "qv", "generic": "linear"}
     linear_only = True
+    flat_inputs_only = True  # peft 0.21.2's OFT unfolds a Linear's 4-D input as if it were a conv's (shape error)
 
     def attach(self):
         with warnings.catch_warnings():  # peft shrinking the block size to a divisor of the layer's input size

@@ -257,6 +257,7 @@ class PeftMethod(ModuleTuner, abc.ABC):
     default_targets = {"transformer": "qv", "generic": "dense"}
     fallback_targets = "mlp"  # transformer views whose attention reads the qkv weight directly (no q/k/v layer)
     linear_only = False  # True: the method's peft layers take nn.Linear only (conv targets are refused)
+    flat_inputs_only = False  # True: its peft Linear layers read a 4-D input as a conv map (peft 0.21's OFT)
 
     def attach(self):
         self.targets = self.select_targets(self.backbone, self.config)
@@ -285,7 +286,25 @@ class PeftMethod(ModuleTuner, abc.ABC):
             raise VistuneError(f"{self.info.name}: targets={spec!r} include convolutions ({convs[0]}, ...), but this "
                                "method's peft layers (or their merge) hold only for nn.Linear",
                                "use --set targets=linear (every Linear of the model)")
+        if self.flat_inputs_only:
+            targets = self._drop_four_d_inputs(backbone, targets, spec, explicit=config.targets != "auto")
         return targets
+
+    def _drop_four_d_inputs(self, backbone, targets: dict[str, str], spec: str, explicit: bool) -> dict[str, str]:
+        """Without the Linears that read (B, H, W, C) or other 4-D inputs; an explicit spec naming one is refused."""
+        names = list(targets)
+        ndims = backbone.input_ndims([backbone.model.get_submodule(n) for n in names])
+        four_d = [n for n, d in zip(names, ndims) if d == 4]
+        if four_d and explicit:
+            raise VistuneError(f"{self.info.name}: targets={spec!r} include Linears that read 4-D inputs "
+                               f"({four_d[0]}, ...), which peft's {self.info.name} layer treats as conv maps",
+                               "target Linears on token sequences (e.g. --set targets=qv), or use lora")
+        kept = {n: r for n, r in targets.items() if n not in four_d}
+        if not kept:
+            raise VistuneError(f"{self.info.name}: every Linear of {backbone.spec.name!r} reads a 4-D (channels-last) "
+                               f"input, which peft's {self.info.name} layer treats as a conv map",
+                               "use lora, ia3 or ssf on this backbone")
+        return kept
 
     @abc.abstractmethod
     def peft_config(self, targets: dict[str, str]):

@@ -86,8 +86,11 @@ class ScaleShiftFromOutput(torch.autograd.Function):
 class ScaleShift(nn.Module, Foldable):
     """γ ⊙ op(x) + β around a frozen op: on the output of a Linear/Conv2d, folded into a norm's affine."""
 
-    def __init__(self, inner: nn.Module, init: str):
+    def __init__(self, inner: nn.Module, init: str, output_overwritten: bool = False):
         super().__init__()
+        # a Linear whose output the next module overwrites in place (e.g. Swin V2's cpb_mlp: Linear → ReLU(inplace)):
+        # the saved-output form would find its saved tensor changed, so it saves op(x) as a Conv2d's does
+        self.output_overwritten = output_overwritten
         w = inner.weight
         # registered before ``inner``: __getattr__ would otherwise find the op's own attribute of the same name
         # (ScaledStdConv2d.scale) and refuse the parameter
@@ -113,8 +116,10 @@ class ScaleShift(nn.Module, Foldable):
         out = self.inner(*args, **kwargs)
         # in the op's precision (bf16 under autocast), as the folded op computed; γ's gradient returns in fp32
         scale, shift = self.scale.to(out.dtype), self.shift.to(out.dtype)
-        if isinstance(self.inner, nn.Linear):
+        if isinstance(self.inner, nn.Linear) and not self.output_overwritten:
             return ScaleShiftFromOutput.apply(out, scale, shift)
+        if isinstance(self.inner, nn.Linear):
+            return torch.addcmul(shift, out, scale)
         return torch.addcmul(shift.view(-1, 1, 1), out, scale.view(-1, 1, 1))
 
     def __getattr__(self, name: str):
@@ -130,6 +135,17 @@ class ScaleShift(nn.Module, Foldable):
             for name, value in self.folded().items():
                 setattr(self.inner, name, nn.Parameter(value.detach().clone(), requires_grad=False))
         return self.inner
+
+
+def _overwritten_in_place(model: nn.Module, name: str) -> bool:
+    """Is the module ``name`` followed, in an ``nn.Sequential``, by one that works in place (``inplace=True``)?"""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return False
+    children = list(parent._modules)
+    i = children.index(child)
+    return i + 1 < len(children) and bool(getattr(parent._modules[children[i + 1]], "inplace", False))
 
 
 def ssf_ops(model: nn.Module) -> list[str]:
@@ -162,4 +178,5 @@ class SSF(ModuleTuner):
             raise VistuneError(f"backbone {backbone.spec.name!r} has no op with a bias or norm layer for SSF",
                                "use another method (e.g. lora)")
         for name in names:
-            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init))
+            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init,
+                                                   _overwritten_in_place(model, name)))
