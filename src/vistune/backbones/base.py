@@ -37,6 +37,18 @@ class BackboneSpec:
         return asdict(self)
 
 
+class ForwardsAttributes:
+    """For a module wrapping ``self.inner``: an attribute it lacks is read from ``inner``. timm modules read
+    attributes of the op they call around the call (``kernel_size``, Swin's ``attn.window_size``, the weight's
+    device), and a wrapper in the op's place must answer them as the op would."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+
 class Borrowed:
     """A reference to a module or tensor that another module owns (and saves).
 
@@ -197,7 +209,7 @@ class BackboneView(nn.Module):
         """Which of ``modules`` the model's forward calls as modules (one dummy pass). Some attentions read a
         Linear's weight directly (``F.linear(x, qkv.weight, q/v bias)``): wrapping such a Linear changes nothing."""
         seen: set[int] = set()
-        self._dummy_forward([m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod))) for m in modules])
+        self.dummy_forward([m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod))) for m in modules])
         return [id(m) in seen for m in modules]
 
     def input_ndims(self, modules: list[nn.Module]) -> list[int | None]:
@@ -208,10 +220,10 @@ class BackboneView(nn.Module):
             if args and isinstance(args[0], torch.Tensor):
                 ndims.setdefault(id(mod), args[0].ndim)
 
-        self._dummy_forward([m.register_forward_pre_hook(record) for m in modules])
+        self.dummy_forward([m.register_forward_pre_hook(record) for m in modules])
         return [ndims.get(id(m)) for m in modules]
 
-    def _dummy_forward(self, hooks: list) -> None:
+    def dummy_forward(self, hooks: list) -> None:
         """One ``forward_features`` pass of a zero image at the model's input size; removes ``hooks`` after."""
         try:
             with torch.no_grad():
@@ -230,7 +242,7 @@ class BackboneView(nn.Module):
         def record(module, inputs, output) -> None:
             outputs.setdefault(id(module), output)
 
-        self._dummy_forward([m.register_forward_hook(record) for m in modules])
+        self.dummy_forward([m.register_forward_hook(record) for m in modules])
         nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         result: list[Layout | None] = []
         for m in modules:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbones.base import ATTENTION_BLOCKS, replace_module
+from ..backbones.base import ATTENTION_BLOCKS, ForwardsAttributes, replace_module
 from ..errors import VistuneError
 from .base import Foldable, ModuleTuner, register
 from .ln_tuning import NORMS
 
 
-class BranchScale(nn.Module, Foldable):
+class BranchScale(ForwardsAttributes, nn.Module, Foldable):
     """γ ⊙ inner(x) over the last (channel) dimension; ``last`` names the affine op that ends ``inner``
     ("" when ``inner`` is that op itself, e.g. a post-norm)."""
 
@@ -38,12 +38,6 @@ class BranchScale(nn.Module, Foldable):
     def forward(self, *args, **kwargs):
         return self.inner(*args, **kwargs) * self.gamma
 
-    def __getattr__(self, name: str):
-        # timm blocks read attributes of their attention/norm around the call (e.g. Swin's attn.window_size)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
 
     def merged(self) -> nn.Module:
         """``inner`` with γ folded into its last affine op (same module types, same cost)."""
@@ -61,13 +55,7 @@ def _post_norm(backbone, block: nn.Module) -> bool:
     order: list[str] = []
     hooks = [block.norm1.register_forward_pre_hook(lambda *_: order.append("norm1")),
              block.attn.register_forward_pre_hook(lambda *_: order.append("attn"))]
-    try:
-        with torch.no_grad():
-            p = next(backbone.model.parameters())
-            backbone.model.forward_features(torch.zeros(1, 3, *backbone.input_size(), device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
+    backbone.dummy_forward(hooks)
     return order.index("attn") < order.index("norm1")
 
 

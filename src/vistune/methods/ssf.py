@@ -44,7 +44,7 @@ from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv
 from torch import nn
 from torch.func import functional_call
 
-from ..backbones.base import replace_module
+from ..backbones.base import ForwardsAttributes, replace_module
 from ..errors import VistuneError
 from .base import Foldable, MethodConfig, ModuleTuner, option, register
 
@@ -83,7 +83,7 @@ class ScaleShiftFromOutput(torch.autograd.Function):
         return grad * scale, grad_scale, grad_shift
 
 
-class ScaleShift(nn.Module, Foldable):
+class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
     """γ ⊙ op(x) + β around a frozen op: on the output of a Linear/Conv2d, folded into a norm's affine."""
 
     def __init__(self, inner: nn.Module, init: str, output_overwritten: bool = False):
@@ -122,12 +122,6 @@ class ScaleShift(nn.Module, Foldable):
             return torch.addcmul(shift, out, scale)
         return torch.addcmul(shift.view(-1, 1, 1), out, scale.view(-1, 1, 1))
 
-    def __getattr__(self, name: str):
-        # some timm modules read their op's attributes (kernel_size, weight.device) around its call
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
 
     def merged(self) -> nn.Module:
         """The op itself with the folded parameters (same module type, same cost)."""
