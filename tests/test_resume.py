@@ -290,3 +290,15 @@ def test_demo_reuses_a_finished_run_and_resumes_an_interrupted_one(folder, tmp_p
     assert calls == [True] and [h["epoch"] for h in m["history"]] == [1, 2]
     assert not (interrupted_out / STATE_FILE).exists()
     load_artifact(interrupted_out)
+
+
+def test_demo_jobs_record_the_demo_splits():
+    """The demo trains on data it loaded itself; its jobs still carry the sizes, so each artifact records them and
+    `vistune eval` (which the demo suggests at its end) redraws the demo's own 2,000 test images, not all 10,000."""
+    from vistune.run import split_settings
+
+    for quick in (False, True):
+        _, sizes = demo.demo_data(quick)
+        for method, sets, epochs, lr in demo.DEMO_METHODS:
+            job = demo.demo_job(method, sets, epochs, lr, out="o", quick=quick, device="cpu")
+            assert {k: split_settings(job)[k] for k in sizes} == sizes and job.data_seed == 0

@@ -73,6 +73,18 @@ def run_demo(out: str = "vistune-demo", quick: bool = False, device: str = "auto
         return _demo(out, quick, device, progress, console)
 
 
+def demo_job(method: str, sets: dict, epochs: int, lr: float, *, out: str, quick: bool, device: str) -> Job:
+    """One demo method's job. Its split settings are the demo data's, so the artifact records them and
+    `vistune eval --adapter OUT/METHOD --data ...` redraws the demo's own val and test images."""
+    data_name, sizes = demo_data(quick)
+    return Job(backbone=BACKBONE, method=method, data=data_name, out=str(Path(out) / method), overrides=sets,
+               image_size=64 if quick else 96, data_seed=0, **sizes,
+               train=TrainConfig(epochs=2 if quick else epochs, batch_size=32, device=device, seed=0, optimizer="sgd",
+                                 # 2 epochs give no warm-up: methods that train inside the backbone
+                                 # collapse at the full-run lr, so the smoke test uses a fifth of it
+                                 lr=lr if not quick or method.startswith(("linear", "mlp")) else lr / 5))
+
+
 def _demo(out: str, quick: bool, device: str, progress: bool, console: Console) -> list[dict]:
     started = time.perf_counter()
 
@@ -95,12 +107,7 @@ def _demo(out: str, quick: bool, device: str, progress: bool, console: Console) 
     lines = progress and not bars_shown()  # no bar can show (CI logs, a pipe): a line per epoch instead
     rows = []
     for k, (method, sets, epochs, lr) in enumerate(DEMO_METHODS, 1):
-        job = Job(backbone=BACKBONE, method=method, data=data_name, out=str(Path(out) / method),
-                  overrides=sets, image_size=image_size,
-                  train=TrainConfig(epochs=2 if quick else epochs, batch_size=32, device=device, seed=0, optimizer="sgd",
-                                    # 2 epochs give no warm-up: methods that train inside the backbone
-                                    # collapse at the full-run lr, so the smoke test uses a fifth of it
-                                    lr=lr if not quick or method.startswith(("linear", "mlp")) else lr / 5))
+        job = demo_job(method, sets, epochs, lr, out=out, quick=quick, device=device)
         say(f"[{k}/{len(DEMO_METHODS)}] {method}: {job.train.epochs} epochs …")
         m = _run_or_reuse(job, progress, backbone, data, epoch_printer(say, f"  {method} ") if lines else None)
         say(f"[{k}/{len(DEMO_METHODS)}] {method}: val acc {m['val_accuracy']:.3f}, test acc {m['test_accuracy']:.3f}, "
