@@ -591,7 +591,10 @@ def test_train_prints_a_line_per_epoch_where_no_bar_shows_and_where_the_time_wen
     assert sum(v for k, v in t.items() if k != "total") <= t["total"] + 1e-6
     assert t["total"] >= m["train_seconds"]  # the command's time is more than the epochs'
     flat = " ".join(stdout.split())
-    assert f"job time │ {t['total']:.1f} s: " in flat and "frozen features" in flat and "test eval" in flat
+    assert f"job time │ {t['total']:.1f} s: " in flat
+    # a phase under 0.05 s is left out of the line (on a quiet machine the tiny feature cache can be)
+    for phase, label in (("feature_cache", "frozen features"), ("test", "test eval")):
+        assert (label in flat) == (t[phase] >= 0.05), (phase, t[phase])
 
     rc, stdout, err = cli("train", *TINY, "--method", "linear", "--data", data, "--out", tmp_path / "q",
                           "--epochs", "2", "--batch-size", "4", "--quiet")
