@@ -24,7 +24,8 @@ def test_distilled_student_beats_labels_only_on_mnist5k(tmp_path, one_thread):
 
     def job(backbone, method, out=None, epochs=20, lr=2.0, seed=42):
         return Job(backbone=backbone, method=method, data="mnist5k", image_size=SIZE, train_size=800, val_size=200,
-                   out=out, train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, seed=seed, device="cpu"))
+                   out=out, train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, seed=seed, device="cpu",
+                                              optimizer="sgd"))  # the docs table's recipe (SGD; lr=None: 1.0)
 
     teacher = tmp_path / "teacher"
     t = run_job(job("tf_efficientnet_lite2", "partial-2", out=str(teacher), epochs=10, lr=None), progress=False)
