@@ -10,6 +10,7 @@ from timm.layers import ScaledStdConv2d, StdConv2d
 from torch.func import functional_call
 
 from conftest import IMAGE_SIZE
+from vistune.backbones import load_backbone
 from vistune.methods import adapt, make_config
 from vistune.methods.ssf import ScaleShift, ssf_ops
 
@@ -161,19 +162,21 @@ def test_weight_standardised_convs_without_a_gain_are_not_ssf_ops():
     assert ssf_ops(model) == ["1"]
 
 
-def test_a_linear_whose_output_is_overwritten_in_place_still_back_propagates():
-    """Swin V2's cpb_mlp is Linear → ReLU(inplace=True) → Linear: the saved-output form would see its saved
-    tensor changed by the ReLU, so such a Linear saves op(x) instead; the gradients are the folded form's."""
-    from vistune.methods.ssf import _overwritten_in_place
+@pytest.mark.parametrize("family", ["swinv2", "naflexvit"])
+def test_a_linear_whose_output_is_overwritten_in_place_still_back_propagates(family):
+    """Swin V2's cpb_mlp (Linear → ReLU(inplace)) and NaFlexViT's patch embedding (+= position) change a Linear's
+    output in place: the saved-output form would raise in the backward, so SSF's probe pass finds those Linears
+    and they save op(x); every other Linear keeps the saved-output form; the gradients are the folded form's."""
+    from vistune.backbones.catalog import SLOW_FAMILIES, TIMM_FAMILIES
 
+    cfg = {**TIMM_FAMILIES, **SLOW_FAMILIES}[family]
+    backbone = load_backbone(cfg.architecture, random_init=True, model_kwargs=cfg.model_kwargs)
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 3))
-    assert _overwritten_in_place(mlp, "0") and not _overwritten_in_place(mlp, "2")
-    wrapped = torch.nn.Sequential(ScaleShift(mlp[0], "paper", _overwritten_in_place(mlp, "0")), mlp[1], mlp[2])
-    x = torch.randn(5, 2)
-    wrapped(x).sum().backward()  # the saved-output form raised "modified by an inplace operation" here
-    got = wrapped[0].scale.grad.clone()
-    wrapped[0].scale.grad = None
-    folded = functional_call(mlp[0], wrapped[0].folded(), (x,))
-    mlp[2](torch.relu(folded)).sum().backward()
-    assert torch.allclose(got, wrapped[0].scale.grad, atol=1e-6)
+    model = adapt(backbone, make_config("ssf", {"init": "paper"}, image_size=cfg.image_size), 3).eval()
+    wrappers = [m for m in model.modules() if isinstance(m, ScaleShift) and isinstance(m.inner, torch.nn.Linear)]
+    overwritten = [w for w in wrappers if w.output_overwritten]
+    assert overwritten and len(overwritten) < len(wrappers)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 2])).backward()  # raised before
+    assert all(w.scale.grad is not None for w in overwritten)

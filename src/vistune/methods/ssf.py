@@ -88,9 +88,11 @@ class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
 
     def __init__(self, inner: nn.Module, init: str, output_overwritten: bool = False):
         super().__init__()
-        # a Linear whose output the next module overwrites in place (e.g. Swin V2's cpb_mlp: Linear → ReLU(inplace)):
-        # the saved-output form would find its saved tensor changed, so it saves op(x) as a Conv2d's does
+        # a Linear whose output the model overwrites in place (Swin V2's cpb_mlp: Linear → ReLU(inplace); NaFlexViT's
+        # patch embedding += position): the saved-output form would find its saved tensor changed, so it saves op(x)
+        # as a Conv2d's does. Found by SSF.attach's probe pass (:func:`_overwritten_outputs`)
         self.output_overwritten = output_overwritten
+        self.probe: list | None = None  # during the probe pass: (output, its version when made)
         w = inner.weight
         # registered before ``inner``: __getattr__ would otherwise find the op's own attribute of the same name
         # (ScaledStdConv2d.scale) and refuse the parameter
@@ -117,7 +119,10 @@ class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
         # in the op's precision (bf16 under autocast), as the folded op computed; γ's gradient returns in fp32
         scale, shift = self.scale.to(out.dtype), self.shift.to(out.dtype)
         if isinstance(self.inner, nn.Linear) and not self.output_overwritten:
-            return ScaleShiftFromOutput.apply(out, scale, shift)
+            result = ScaleShiftFromOutput.apply(out, scale, shift)
+            if self.probe is not None:
+                self.probe.append((result, result._version))
+            return result
         if isinstance(self.inner, nn.Linear):
             return torch.addcmul(shift, out, scale)
         return torch.addcmul(shift.view(-1, 1, 1), out, scale.view(-1, 1, 1))
@@ -131,15 +136,18 @@ class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
         return self.inner
 
 
-def _overwritten_in_place(model: nn.Module, name: str) -> bool:
-    """Is the module ``name`` followed, in an ``nn.Sequential``, by one that works in place (``inplace=True``)?"""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential):
-        return False
-    children = list(parent._modules)
-    i = children.index(child)
-    return i + 1 < len(children) and bool(getattr(parent._modules[children[i + 1]], "inplace", False))
+def _overwritten_outputs(backbone, wrappers: list[ScaleShift]) -> list[ScaleShift]:
+    """The Linear wrappers whose output the model changes in place afterwards, seen in one dummy pass (an in-place
+    op bumps a tensor's version counter)."""
+    linears = [w for w in wrappers if isinstance(w.inner, nn.Linear)]
+    for w in linears:
+        w.probe = []
+    try:
+        backbone.dummy_forward([])
+        return [w for w in linears if any(t._version != v for t, v in w.probe)]
+    finally:
+        for w in linears:
+            w.probe = None
 
 
 def ssf_ops(model: nn.Module) -> list[str]:
@@ -172,5 +180,6 @@ class SSF(ModuleTuner):
             raise VistuneError(f"backbone {backbone.spec.name!r} has no op with a bias or norm layer for SSF",
                                "use another method (e.g. lora)")
         for name in names:
-            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init,
-                                                   _overwritten_in_place(model, name)))
+            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init))
+        for wrapper in _overwritten_outputs(backbone, [model.get_submodule(n) for n in names]):
+            wrapper.output_overwritten = True
