@@ -83,9 +83,14 @@ class Bottleneck(Branch):
 
 
 def _on_channels(branch: nn.Module, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    if channel_dim in (-1, y.ndim - 1):
+    channel_dim %= y.ndim
+    if channel_dim == y.ndim - 1:
         return branch(y)
-    return branch(y.movedim(channel_dim, -1)).movedim(-1, channel_dim)
+    # an explicit permutation of non-negative dims: the ONNX export of movedim(1, -1) wrote perm (0, -1, 1, 2),
+    # which onnxruntime refuses
+    order = [d for d in range(y.ndim) if d != channel_dim] + [channel_dim]
+    inverse = sorted(range(y.ndim), key=order.__getitem__)
+    return branch(y.permute(order)).permute(inverse)
 
 
 class After(nn.Module):
