@@ -90,9 +90,8 @@ class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
         super().__init__()
         # a Linear whose output the model overwrites in place (Swin V2's cpb_mlp: Linear → ReLU(inplace); NaFlexViT's
         # patch embedding += position): the saved-output form would find its saved tensor changed, so it saves op(x)
-        # as a Conv2d's does. Found by SSF.attach's probe pass (:func:`_overwritten_outputs`)
+        # as a Conv2d's does. Found by SSF.attach's one dummy pass (:func:`_call_survey`)
         self.output_overwritten = output_overwritten
-        self.probe: list | None = None  # during the probe pass: (output, its version when made)
         w = inner.weight
         # registered before ``inner``: __getattr__ would otherwise find the op's own attribute of the same name
         # (ScaledStdConv2d.scale) and refuse the parameter
@@ -119,10 +118,7 @@ class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
         # in the op's precision (bf16 under autocast), as the folded op computed; γ's gradient returns in fp32
         scale, shift = self.scale.to(out.dtype), self.shift.to(out.dtype)
         if isinstance(self.inner, nn.Linear) and not self.output_overwritten:
-            result = ScaleShiftFromOutput.apply(out, scale, shift)
-            if self.probe is not None:
-                self.probe.append((result, result._version))
-            return result
+            return ScaleShiftFromOutput.apply(out, scale, shift)
         if isinstance(self.inner, nn.Linear):
             return torch.addcmul(shift, out, scale)
         return torch.addcmul(shift.view(-1, 1, 1), out, scale.view(-1, 1, 1))
@@ -136,18 +132,20 @@ class ScaleShift(ForwardsAttributes, nn.Module, Foldable):
         return self.inner
 
 
-def _overwritten_outputs(backbone, wrappers: list[ScaleShift]) -> list[ScaleShift]:
-    """The Linear wrappers whose output the model changes in place afterwards, seen in one dummy pass (an in-place
-    op bumps a tensor's version counter)."""
-    linears = [w for w in wrappers if isinstance(w.inner, nn.Linear)]
-    for w in linears:
-        w.probe = []
-    try:
-        backbone.dummy_forward([])
-        return [w for w in linears if any(t._version != v for t, v in w.probe)]
-    finally:
-        for w in linears:
-            w.probe = None
+def _call_survey(backbone, modules: list[nn.Module]) -> tuple[list[bool], list[bool]]:
+    """One dummy pass of the stock model: which of ``modules`` its forward calls as modules (an attention may read
+    a weight directly), and which Linears' outputs it then changes in place (an in-place op bumps the tensor's
+    version counter)."""
+    called, outputs = set(), {}
+
+    def record(module, args, output) -> None:
+        called.add(id(module))
+        if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
+            outputs.setdefault(id(module), (output, output._version))
+
+    backbone.dummy_forward([m.register_forward_hook(record) for m in modules])
+    overwritten = [id(m) in outputs and outputs[id(m)][0]._version != outputs[id(m)][1] for m in modules]
+    return [id(m) in called for m in modules], overwritten
 
 
 def ssf_ops(model: nn.Module) -> list[str]:
@@ -175,11 +173,10 @@ class SSF(ModuleTuner):
         backbone, model = self.backbone, self.backbone.model
         names = ssf_ops(model)
         # only ops the forward calls as modules (an attention may read a weight directly, around the wrapper)
-        names = [n for n, called in zip(names, backbone.called([model.get_submodule(n) for n in names])) if called]
-        if not names:
+        called, overwritten = _call_survey(backbone, [model.get_submodule(n) for n in names])
+        ops = [(n, o) for n, c, o in zip(names, called, overwritten) if c]
+        if not ops:
             raise VistuneError(f"backbone {backbone.spec.name!r} has no op with a bias or norm layer for SSF",
                                "use another method (e.g. lora)")
-        for name in names:
-            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init))
-        for wrapper in _overwritten_outputs(backbone, [model.get_submodule(n) for n in names]):
-            wrapper.output_overwritten = True
+        for name, output_overwritten in ops:
+            replace_module(model, name, ScaleShift(model.get_submodule(name), self.config.init, output_overwritten))
