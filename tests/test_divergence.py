@@ -116,3 +116,32 @@ def test_a_hard_task_or_a_slow_start_trains_to_the_end(setting, tiny_backbones):
     assert len(result.history) == 4
     assert all("train_accuracy" in h and h["max_train_loss"] >= h["train_loss"] for h in result.history)
     assert result.history[0]["start_loss"] > 0
+
+
+# ------------------------------------------------------------------ losses read every N steps (the GPU path)
+def _run(interval: int, monkeypatch, lr=None):
+    monkeypatch.setattr("vistune.training.trainer.loss_read_interval", lambda device: interval)
+    torch.manual_seed(0)
+    from conftest import tiny_backbone
+    model = adapt(tiny_backbone("vit"), make_config("adapter", {"reduction": 4}), 3)
+    return train(model, tinted(48, 0), tinted(12, 1), TrainConfig(epochs=2, batch_size=8, lr=lr, device="cpu"),
+                 progress=False)
+
+
+def test_reading_the_losses_every_few_steps_changes_no_figure(monkeypatch):
+    # on a GPU the losses are read every 50 steps (no host sync per step); 4 does not divide the 6 steps/epoch
+    every_step, every_fourth = _run(1, monkeypatch), _run(4, monkeypatch)
+    for a, b in zip(every_step.history, every_fourth.history, strict=True):
+        for key in ("train_loss", "val_accuracy", "val_loss", "max_train_loss", "train_accuracy"):
+            assert a[key] == b[key], key
+    assert every_step.history[0]["start_loss"] == every_fourth.history[0]["start_loss"]
+
+
+def test_a_divergence_read_late_still_names_the_step_where_it_happened(monkeypatch):
+    messages = []
+    for interval in (1, 5):
+        with pytest.raises(TrainingDiverged) as e:
+            _run(interval, monkeypatch, lr=1e5)
+        messages.append(e.value.what)
+    assert messages[0] == messages[1]
+    assert "at epoch 1, step" in messages[0]

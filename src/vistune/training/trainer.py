@@ -293,6 +293,42 @@ def _lower_lr_fix(cfg: TrainConfig, base_lr: float) -> str:
             "search one")
 
 
+CUDA_LOSS_READ_INTERVAL = 50  # steps between host reads of the losses on a GPU
+
+
+def loss_read_interval(device: torch.device) -> int:
+    """Steps between host reads of the training losses: every step on a CPU, where a read costs nothing;
+    every :data:`CUDA_LOSS_READ_INTERVAL` steps (and at each epoch's end) on a GPU, where each read (``.item()``)
+    makes the host wait until the GPU has finished the queued work, so the next steps are not queued meanwhile."""
+    return CUDA_LOSS_READ_INTERVAL if device.type == "cuda" else 1
+
+
+class PendingLosses:
+    """Training losses kept on the device until :meth:`read`: one transfer and, under torchrun, one all-reduce for
+    all of them. The values read are the global batches' losses (equal shares: the mean of the processes' means);
+    every process reads the same values at the same steps, so a divergence stops all of them at the same step,
+    and the check sees the steps one by one in order, so it names the step where the loss went wrong."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+        self.where: list[tuple[int, int, float, int]] = []  # (epoch, step, lr, items) of each loss
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def add(self, loss: torch.Tensor, epoch: int, step: int, lr: float, items: int) -> None:
+        self.losses.append(loss.detach().float())
+        self.where.append((epoch, step, lr, items))
+
+    def read(self) -> list[tuple[float, tuple[int, int, float, int]]]:
+        if not self.losses:
+            return []
+        values = distributed.sum_tensor_across(torch.stack(self.losses).double()) / distributed.world_size()
+        read = list(zip(values.tolist(), self.where))
+        self.losses, self.where = [], []
+        return read
+
+
 class DivergenceCheck:
     """Stops a run whose loss went non-finite, exploded, or collapsed to chance after blowing up.
 
@@ -400,26 +436,28 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device
     segmentation = getattr(model, "task", "classification") == "segmentation"
     if distributed.active():
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    correct, total, loss_sum = 0, 0, 0.0
-    conf, images = None, 0  # segmentation: confusion matrix (rows = truth) and image count
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    # counts and the loss sum stay on the device until the end: a read per batch would make the host wait
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    total, conf, images = 0, None, 0  # segmentation: confusion matrix (rows = truth) and image count
     for x, y in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x)
         if segmentation:
             loss_sum += nn.functional.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX,
-                                                    reduction="sum").item()
+                                                    reduction="sum").double()
             c = confusion_matrix(logits.argmax(1), y, logits.shape[1])
             conf = c if conf is None else conf + c
             images += len(y)
             continue
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
         total += len(y)
     if segmentation:
-        return _segmentation_scores(model, conf, images, loss_sum, device)
-    correct, total, loss_sum = distributed.sum_across([correct, total, loss_sum], device)
+        return _segmentation_scores(model, conf, images, float(loss_sum), device)
+    correct, total, loss_sum = distributed.sum_across([int(correct), total, float(loss_sum)], device)
     correct, total = int(correct), int(total)
     return {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "n": total}
 
@@ -522,6 +560,18 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         best_state, history, elapsed = ckpt["best_state"], ckpt["history"], ckpt["elapsed"]
 
     check = DivergenceCheck(run_cfg, base_lr, history)
+    pending, read_every = PendingLosses(), loss_read_interval(device)
+
+    def read_losses(loss_sum: float, seen: int) -> tuple[float, int]:
+        """Check the pending steps' losses in order; the epoch's loss sum and item count with them added."""
+        value = None
+        for value, (at_epoch, at_step, lr, items) in pending.read():
+            check.step(value, at_epoch, at_step, lr)
+            loss_sum, seen = loss_sum + value * items * world, seen + items * world
+        if value is not None:
+            bar.set_postfix(epoch=f"{at_epoch + 1}/{cfg.epochs}", loss=f"{value:.3f}")
+        return loss_sum, seen
+
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                desc=f"train {model.info.name}", disable=None if progress else True, unit="step", dynamic_ncols=True)
     select_on = "miou" if segmentation else "accuracy"  # segmentation selects on val mIoU
@@ -534,7 +584,7 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
                                      seed=cfg.seed * 1000, drop_last=True)
         sampler.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
-                            num_workers=cfg.num_workers)
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         epoch_lrs = [lr * _lr_factor(epoch, schedule) for lr in base_lrs]
         for g, lr in zip(optimizer.param_groups, epoch_lrs):
             g["lr"] = lr
@@ -542,7 +592,8 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
         step_net.train()  # the DDP wrapper's own mode flag (in one process: net again, a no-op)
         loss_sum, seen = 0.0, 0
         steps_started = phases.start()
-        correct, label_counts = 0, torch.zeros(model.num_classes, dtype=torch.long, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        label_counts = torch.zeros(model.num_classes, dtype=torch.long, device=device)
         check.start_epoch()
         for step, (x, y, *extras) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -556,28 +607,25 @@ def train(model: Method, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
             with _autocast(device, cfg.amp):
                 output = step_net(x, *extras)
             loss = objective.loss(output, y)
-            # the global batch's loss (equal shares: the mean of the processes' means); every process
-            # sees the same value, so a divergence stops all of them at the same step
-            batch_loss = distributed.sum_across([loss.item()], device)[0] / world
-            check.step(batch_loss, epoch, step, optimizer.param_groups[0]["lr"])
+            pending.add(loss, epoch, step, optimizer.param_groups[0]["lr"], len(y))
+            if len(pending) >= read_every:  # checked before this step's update, as every step on a CPU
+                loss_sum, seen = read_losses(loss_sum, seen)
             if not segmentation:  # labelled items only (distillation's unlabelled images have label -1)
-                labelled = y >= 0
+                labelled = y >= 0  # masks, not boolean indexing: that would make the host wait for the GPU
                 predicted = objective.logits(output).detach().argmax(1)
-                correct += int((predicted[labelled] == y[labelled]).sum())
-                label_counts += torch.bincount(y[labelled], minlength=model.num_classes)
+                correct += ((predicted == y) & labelled).sum()
+                label_counts.scatter_add_(0, y.clamp(min=0), labelled.long())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += batch_loss * len(y) * world
-            seen += len(y) * world
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{batch_loss:.3f}")
             if on_step is not None:
                 on_step(epoch * steps_per_epoch + step + 1, cfg.epochs * steps_per_epoch)
+        loss_sum, seen = read_losses(loss_sum, seen)
         train_loss = loss_sum / max(1, seen)
         train_accuracy = None
         if not segmentation:  # the collapse check (per-pixel "chance" is mostly background: not judged)
-            counts = distributed.sum_across([correct, *label_counts.tolist()], device)
+            counts = distributed.sum_across(torch.cat([correct[None], label_counts]).tolist(), device)
             train_accuracy = counts[0] / max(1.0, sum(counts[1:]))
             check.epoch_end(epoch, counts[0], counts[1:], train_loss, optimizer.param_groups[0]["lr"],
                             after_warmup=epoch >= max(1, schedule.warmup_epochs))
