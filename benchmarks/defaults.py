@@ -192,17 +192,17 @@ def load_task(backbone, task: str, args):
                                test=None)
 
 
-def methods_for(args, family: str) -> tuple[list[str], list[tuple[str, str]]]:
+def methods_for(args, backbone) -> tuple[list[str], list[tuple[str, str]]]:
     from vistune.methods import METHODS
 
     names = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     run, skipped = [], []
     for name in names:
         info = METHODS[name]
-        if family in info.families:
+        if info.supports(backbone):  # what the method needs of the view (families "any": nothing)
             run.append(name)
         else:
-            skipped.append((name, f"supports {', '.join(info.families)}, not the {family} family"))
+            skipped.append((name, f"supports {', '.join(info.families)}, not the {backbone.family} family"))
     return run, skipped
 
 
@@ -216,7 +216,7 @@ def run_all(args, results: Results) -> None:
     torch.set_num_threads(args.threads)
     for backbone_name in args.backbones.split(","):
         backbone = load_backbone(backbone_name)
-        names, skipped = methods_for(args, backbone.family)
+        names, skipped = methods_for(args, backbone)
         for name, why in skipped:
             print(f"skip {name} on {backbone_name}: {why}", file=sys.stderr)
         for task in args.tasks.split(","):

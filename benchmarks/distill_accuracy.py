@@ -79,6 +79,7 @@ def main() -> None:
 
     from vistune.backbones import load_backbone
     from vistune.distill import DistillJob, run_distill
+    from vistune.errors import TrainingDiverged
     from vistune.methods.procedures import procedure_config
     from vistune.run import Job, prepare_job, run_job
     from vistune.training import TrainConfig
@@ -98,22 +99,27 @@ def main() -> None:
 
     def run(condition: str, lr: float, seed: int) -> dict:
         t0 = time.perf_counter()
-        if condition == "labels":
-            m = run_job(job(lr, seed), progress=False, backbone=backbone, data=data)
-        else:
-            m = run_distill(DistillJob(job(lr, seed), args.teacher, config,
-                                       str(unlabelled) if condition == "kd+unlabelled" else None),
-                            progress=False, backbone=backbone, data=data)
+        try:
+            if condition == "labels":
+                m = run_job(job(lr, seed), progress=False, backbone=backbone, data=data)
+            else:
+                m = run_distill(DistillJob(job(lr, seed), args.teacher, config,
+                                           str(unlabelled) if condition == "kd+unlabelled" else None),
+                                progress=False, backbone=backbone, data=data)
+        except TrainingDiverged as e:  # a too-high lr of the grid: a failed setting, never selected
+            m = {"val_accuracy": None, "test_accuracy": None, "diverged": e.what}
         row = {"condition": condition, "lr": lr, "seed": seed, "val": m["val_accuracy"], "test": m["test_accuracy"],
                "seconds": time.perf_counter() - t0,
                "teacher_test": m.get("distillation", {}).get("teacher_test_accuracy")}
+        if "diverged" in m:
+            row["diverged"] = m["diverged"]
         print(json.dumps(row), file=sys.stderr, flush=True)
         return row
 
     rows = []
     for condition in args.conditions.split(","):
         selection = [run(condition, lr, seeds[0]) for lr in lrs]
-        best = max(selection, key=lambda r: (r["val"], -r["lr"]))
+        best = max((r for r in selection if r["val"] is not None), key=lambda r: (r["val"], -r["lr"]))
         finals = [best] + [run(condition, best["lr"], s) for s in seeds[1:]]
         rows.append((condition, best["lr"], finals, selection))
 
@@ -130,6 +136,10 @@ def main() -> None:
         seconds = statistics.fmean(r["seconds"] for r in finals + selection)
         print(f"| {condition} | {lr:g} | {mean_std([r['val'] for r in finals])} | "
               f"{mean_std([r['test'] for r in finals])} | {seconds:.0f} |")
+    for condition, _, _, selection in rows:
+        failed = [f"{r['lr']:g}" for r in selection if r["val"] is None]
+        if failed:
+            print(f"{condition}: diverged at lr {', '.join(failed)} (stopped by the divergence check; not selectable)")
     if args.json:
         Path(args.json).write_text(json.dumps([{"condition": c, "lr": lr, "runs": f, "selection": s}
                                                for c, lr, f, s in rows], indent=1))
