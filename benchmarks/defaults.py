@@ -89,6 +89,8 @@ class Results:
 
 
 def settings_key(args, backbone: str, task: str, method: str, optimizer: str | None, lr) -> str:
+    if isinstance(lr, float) and lr.is_integer():
+        lr = int(lr)  # a default of 1.0 is the grid's 1: one key (JSON writes 1.0 and 1 differently)
     return json.dumps([backbone, task, method, optimizer, lr, args.epochs, args.batch_size, args.train_size,
                        args.val_size, args.seed])
 
