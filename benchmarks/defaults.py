@@ -67,7 +67,9 @@ def parse_args():
 
 def image_size(backbone_view) -> int:
     """64 px for CNNs (cheap), the pretrained size (32 px) for vistune's own ViT."""
-    return CNN_IMAGE_SIZE if backbone_view.family == "cnn" else backbone_view.model.pretrained_cfg["input_size"][-1]
+    # the CNNs here have no transformer view: timm's generic one (before it, the "cnn" family)
+    cnn = backbone_view.family == "generic"
+    return CNN_IMAGE_SIZE if cnn else backbone_view.model.pretrained_cfg["input_size"][-1]
 
 
 class Results:
@@ -291,7 +293,7 @@ def print_table(args, results: Results) -> None:
     backbones = args.backbones.split(",")
     tasks = args.tasks.split(",")
     names = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
-    families = {b: load_backbone(b).family for b in backbones}
+    views = {b: load_backbone(b) for b in backbones}
     print(f"\nDefault settings vs the best lr of the grid: val accuracy (best epoch), {args.train_size} train / "
           f"{args.val_size} val images, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; "
           f"ratio = default / best grid (pass ≥ {PASS_RATIO:.0%})\n")
@@ -304,11 +306,11 @@ def print_table(args, results: Results) -> None:
         optimizer, default_lr = cls.default_optimizer, TrainConfig().default_lr(cls)
         defaults = f"{optimizer} {default_lr:g}, warm-up {cls.default_warmup_fraction:.0%}"
         for backbone in backbones:
-            if families[backbone] not in METHODS[method].families:
+            if not METHODS[method].supports(views[backbone]):
                 if args.measured_only:
                     continue
                 print(f"| {method} | {defaults} | {backbone} | " +
-                      " | ".join(f"{families[backbone]} not supported" for _ in tasks) + " |")
+                      " | ".join(f"{views[backbone].family} not supported" for _ in tasks) + " |")
                 continue
             cells = []
             for task in tasks:
