@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--uncached-epochs", type=int, default=None, help="default: --epochs (no extrapolation)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=None, help="base lr (default: the linear probe's own default)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     uncached_epochs = args.uncached_epochs or args.epochs
@@ -86,8 +86,8 @@ def main() -> None:
     val_each = (uncached_s - sum(h["seconds"] for h in uncached.history)) / uncached_epochs
     first = uncached.history[0]["seconds"] + val_each
     later = [h["seconds"] + val_each for h in uncached.history[1:]]
-    uncached_full = first + (args.epochs - 1) * statistics.mean(later)
     extrapolated = uncached_epochs < args.epochs
+    uncached_full = first + (args.epochs - 1) * statistics.mean(later) if extrapolated else uncached_s
 
     device = resolve_device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
