@@ -99,6 +99,7 @@ def main() -> None:
 
     def run(condition: str, lr: float, seed: int) -> dict:
         t0 = time.perf_counter()
+        m, diverged = {"val_accuracy": None, "test_accuracy": None}, None
         try:
             if condition == "labels":
                 m = run_job(job(lr, seed), progress=False, backbone=backbone, data=data)
@@ -107,12 +108,12 @@ def main() -> None:
                                            str(unlabelled) if condition == "kd+unlabelled" else None),
                                 progress=False, backbone=backbone, data=data)
         except TrainingDiverged as e:  # a too-high lr of the grid: a failed setting, never selected
-            m = {"val_accuracy": None, "test_accuracy": None, "diverged": e.what}
+            diverged = e.what
         row = {"condition": condition, "lr": lr, "seed": seed, "val": m["val_accuracy"], "test": m["test_accuracy"],
                "seconds": time.perf_counter() - t0,
                "teacher_test": m.get("distillation", {}).get("teacher_test_accuracy")}
-        if "diverged" in m:
-            row["diverged"] = m["diverged"]
+        if diverged is not None:
+            row["diverged"] = diverged
         print(json.dumps(row), file=sys.stderr, flush=True)
         return row
 

@@ -2,6 +2,9 @@
 student (mnist5k)."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,20 +12,14 @@ SIZE = 64
 UNLABELLED = 1200
 
 
-def write_unlabelled(data, folder, n=UNLABELLED, seed=0):
-    """``n`` images of mnist5k's source that neither train, val nor test uses, as PNGs, labels dropped — the same
-    images as benchmarks/distill_accuracy.py --unlabelled-images 1200 picks (same rule, same seed)."""
-    from PIL import Image
-
-    train = data.train
-    used = [train.indices, data.val.indices]
-    if getattr(data.test, "images", None) is train.images:  # a source array that also holds test
-        used.append(data.test.indices)
-    unused = np.setdiff1d(np.arange(len(train.images)), np.concatenate(used))
-    folder.mkdir()
-    for k, i in enumerate(sorted(np.random.default_rng(seed).choice(unused, size=n, replace=False))):
-        Image.fromarray(train.images[i]).save(folder / f"{k:05d}.png")
-    return folder
+def write_unlabelled(data, folder):
+    """The 1,200 unlabelled images the docs table used: benchmarks/distill_accuracy.py's own picker (same rule, same
+    seed), loaded from its file (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_accuracy.py"
+    spec = importlib.util.spec_from_file_location("distill_accuracy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.write_unlabelled(data, UNLABELLED, folder)
 
 
 @pytest.mark.slow

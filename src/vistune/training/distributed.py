@@ -75,13 +75,6 @@ def sum_across(values: Sequence[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def sum_tensor_across(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over all processes in place, without a copy to the host (the caller reads it once)."""
-    if active():
-        dist.all_reduce(t)
-    return t
-
-
 def average_across(tensors: Iterable[torch.Tensor]) -> None:
     """Replace each floating tensor, in place, by its mean over all processes."""
     if not active():

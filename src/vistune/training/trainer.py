@@ -323,7 +323,8 @@ class PendingLosses:
     def read(self) -> list[tuple[float, tuple[int, int, float, int]]]:
         if not self.losses:
             return []
-        values = distributed.sum_tensor_across(torch.stack(self.losses).double()) / distributed.world_size()
+        values = torch.stack(self.losses).double()
+        distributed.average_across([values])  # in place, on the device
         read = list(zip(values.tolist(), self.where))
         self.losses, self.where = [], []
         return read
