@@ -18,8 +18,11 @@ def training_defaults(info) -> str:
     from ..training import TrainConfig
 
     cls = info.method_class
-    lr = cls.default_lrs.get(cls.default_optimizer, TrainConfig.DEFAULT_LR[cls.default_optimizer])
-    return f"{cls.default_optimizer}, base lr {lr:g} (× batch/256), warm-up {cls.default_warmup_fraction:.0%} of epochs"
+    opt = cls.default_optimizer
+    lr = TrainConfig().default_lr(cls)
+    own = "".join(f"; {lrs[opt]:g} on {'CNNs (the generic view)' if family == 'generic' else f'{family} backbones'}"
+                  for family, lrs in cls.default_lrs_by_family.items() if opt in lrs)
+    return f"{opt}, base lr {lr:g}{own} (× batch/256), warm-up {cls.default_warmup_fraction:.0%} of epochs"
 
 
 def _procedures():

@@ -152,6 +152,10 @@ class Method(nn.Module):
         base learning rate per optimizer (before the trainer's ``× batch/256``); optimizers it leaves out use the
         trainer's default for that optimizer. ``benchmarks/defaults.py`` measures a method's default against the
         lr grid (docs/defaults.md): a new method's defaults must pass it.
+    ``default_lrs_by_family``
+        base learning rates that replace ``default_lrs`` on one backbone family (a view's ``family``: ``vit``,
+        ``swin``, ``generic`` — the CNNs —, …), where the measurement shows that one lr does not suit both, e.g.
+        ``{"generic": {"adamw": 0.02}}``. :meth:`default_lr_for` resolves the two.
     ``default_warmup_fraction``
         warm-up length as a fraction of the run, when ``--warmup-epochs`` is not given: whole epochs, or that
         fraction of the steps in a run too short for one whole warm-up epoch.
@@ -181,6 +185,7 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     default_optimizer: ClassVar[Literal["sgd", "adamw"]] = "sgd"
     default_lrs: ClassVar[Mapping[str, float]] = {}
+    default_lrs_by_family: ClassVar[Mapping[str, Mapping[str, float]]] = {}
     default_warmup_fraction: ClassVar[float] = 0.1  # VPT: 10 of 100 epochs
     head_only: ClassVar[bool] = False
     supports_segmentation: ClassVar[bool] = False
@@ -195,6 +200,13 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.attach()
         self.head = self.build_head()  # after attach(): its parameters are drawn from the RNG last
+
+    @classmethod
+    def default_lr_for(cls, optimizer: str, family: str | None) -> float | None:
+        """The method's own base lr for ``optimizer`` on a backbone of ``family`` (None: the method has none and
+        the trainer's default for the optimizer applies)."""
+        own = cls.default_lrs_by_family.get(family, {}) if family is not None else {}
+        return own.get(optimizer, cls.default_lrs.get(optimizer))
 
     # ---- what subclasses implement / may override ------------------------------------------
     def attach(self) -> None:
@@ -356,8 +368,10 @@ def _check_contract(name: str, cls: type[Method], needs: tuple[str, ...]) -> Non
         problems.append("Config must be a MethodConfig subclass")
     if cls.default_optimizer not in ("sgd", "adamw"):
         problems.append(f"default_optimizer {cls.default_optimizer!r} is not sgd or adamw")
-    if set(cls.default_lrs) - {"sgd", "adamw"} or any(v <= 0 for v in cls.default_lrs.values()):
-        problems.append(f"default_lrs {dict(cls.default_lrs)} must map sgd/adamw to positive lrs")
+    for where, lrs in (("default_lrs", cls.default_lrs), *((f"default_lrs_by_family[{family!r}]", lrs)
+                                                          for family, lrs in cls.default_lrs_by_family.items())):
+        if set(lrs) - {"sgd", "adamw"} or any(v <= 0 for v in lrs.values()):
+            problems.append(f"{where} {dict(lrs)} must map sgd/adamw to positive lrs")
     if not 0 <= cls.default_warmup_fraction < 1:
         problems.append("default_warmup_fraction must be in [0, 1)")
     if issubclass(cls, TokenTuner) and (cls.supports_segmentation or cls.mergeable):

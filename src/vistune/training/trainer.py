@@ -145,10 +145,14 @@ class TrainConfig:
     def resolved_optimizer(self, model: Method) -> str:
         return self.optimizer or model.default_optimizer
 
-    def default_lr(self, model: Method) -> float:
-        """The method's own base lr for the optimizer (``default_lrs``), else the optimizer's."""
+    def default_lr(self, model: Method | type[Method], family: str | None = None) -> float:
+        """The method's own base lr for the optimizer on the backbone's family (``default_lrs_by_family``, else
+        ``default_lrs``), else the optimizer's. ``family`` defaults to an adapted model's own backbone's."""
         optimizer = self.resolved_optimizer(model)
-        return model.default_lrs.get(optimizer, self.DEFAULT_LR[optimizer])
+        if family is None and isinstance(model, Method):
+            family = model.backbone.family
+        own = model.default_lr_for(optimizer, family)
+        return own if own is not None else self.DEFAULT_LR[optimizer]
 
     def base_lr(self, model: Method) -> float:
         """--lr, else :meth:`default_lr`; ``"auto"`` must have been resolved (``train`` does) before."""
