@@ -132,6 +132,13 @@ def test_the_contract_is_enforced_at_registration():
         register("broken-for-test", category="prompt", description="x")(Broken)
     assert "broken-for-test" not in METHODS
 
+    class MisspeltFamily(ModuleTuner):
+        default_lrs_by_family = {"cnn": {"adamw": 0.02}}  # the CNNs' view is "generic"
+
+    with pytest.raises(TypeError, match=r"families \['cnn'\] that no view has"):
+        register("misspelt-family-for-test", category="parameter", description="x")(MisspeltFamily)
+    assert "misspelt-family-for-test" not in METHODS
+
 
 def test_top_level_api():
     for name in ("load_backbone", "adapt", "make_config", "train", "evaluate", "save_artifact", "load_artifact",

@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..backbones import SEAMS, VIEWS, BackboneView, Borrowed  # noqa: F401 (Borrowed: re-exported)
+from ..backbones import FAMILIES, SEAMS, VIEWS, BackboneView, Borrowed  # noqa: F401 (Borrowed: re-exported)
 from ..errors import VistuneError, suggest
 
 CATEGORIES = ("fine-tuning", "prompt", "adapter", "parameter", "remapping")
@@ -368,8 +368,13 @@ def _check_contract(name: str, cls: type[Method], needs: tuple[str, ...]) -> Non
         problems.append("Config must be a MethodConfig subclass")
     if cls.default_optimizer not in ("sgd", "adamw"):
         problems.append(f"default_optimizer {cls.default_optimizer!r} is not sgd or adamw")
-    for where, lrs in (("default_lrs", cls.default_lrs), *((f"default_lrs_by_family[{family!r}]", lrs)
-                                                          for family, lrs in cls.default_lrs_by_family.items())):
+    unknown = set(cls.default_lrs_by_family) - set(FAMILIES)  # a misspelt family would never apply
+    if unknown:
+        problems.append(f"default_lrs_by_family has families {sorted(unknown)} that no view has "
+                        f"({', '.join(FAMILIES)})")
+    lr_tables = {"default_lrs": cls.default_lrs,
+                 **{f"default_lrs_by_family[{f!r}]": lrs for f, lrs in cls.default_lrs_by_family.items()}}
+    for where, lrs in lr_tables.items():
         if set(lrs) - {"sgd", "adamw"} or any(v <= 0 for v in lrs.values()):
             problems.append(f"{where} {dict(lrs)} must map sgd/adamw to positive lrs")
     if not 0 <= cls.default_warmup_fraction < 1:
