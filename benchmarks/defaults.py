@@ -205,17 +205,34 @@ def load_task(backbone, task: str, args):
                                test=None)
 
 
+def refusal(backbone, method: str) -> str | None:
+    """Why ``method`` does not run on ``backbone`` (None: it does). Besides what the method needs of the view
+    (families "any": nothing), ``adapt`` itself may refuse — peft's VeRA/OFT/BOFT/FourierFT layers take nn.Linear
+    only, and a CNN such as MobileNetV2 calls none — as docs/backbones.md's support table records."""
+    from vistune.errors import VistuneError
+    from vistune.methods import METHODS, adapt, make_config
+
+    info = METHODS[method]
+    if not info.supports(backbone):
+        return f"supports {', '.join(info.families)}, not the {backbone.family} family"
+    try:
+        adapt(backbone, make_config(method, image_size=image_size(backbone)), num_classes=2)
+    except VistuneError as e:
+        return e.what
+    return None
+
+
 def methods_for(args, backbone) -> tuple[list[str], list[tuple[str, str]]]:
     from vistune.methods import METHODS
 
     names = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     run, skipped = [], []
     for name in names:
-        info = METHODS[name]
-        if info.supports(backbone):  # what the method needs of the view (families "any": nothing)
+        why = refusal(backbone, name)
+        if why is None:
             run.append(name)
         else:
-            skipped.append((name, f"supports {', '.join(info.families)}, not the {backbone.family} family"))
+            skipped.append((name, why))
     return run, skipped
 
 
@@ -321,18 +338,18 @@ def print_table(args, results: Results) -> None:
     print("| method | defaults | backbone | " + " | ".join(tasks) + " |")
     print("|---|---|---|" + "---|" * len(tasks))
     ratios: dict[str, list[float]] = {}
-    failures, unmeasured = [], []
+    failures, unmeasured, refused = [], [], []
     for method in names:
         cls = METHODS[method].method_class  # the defaults are class attributes (the Method contract)
         optimizer = cls.default_optimizer
         for backbone in backbones:
             default_lr = TrainConfig().default_lr(cls, views[backbone].family)
             defaults = f"{optimizer} {default_lr:g}, warm-up {cls.default_warmup_fraction:.0%}"
-            if not METHODS[method].supports(views[backbone]):
+            if refusal(views[backbone], method) is not None:
+                refused.append(f"{method} × {backbone}")
                 if args.measured_only:
                     continue
-                print(f"| {method} | {defaults} | {backbone} | " +
-                      " | ".join(f"{views[backbone].family} not supported" for _ in tasks) + " |")
+                print(f"| {method} | {defaults} | {backbone} | " + " | ".join("refused" for _ in tasks) + " |")
                 continue
             cells = []
             for task in tasks:
@@ -348,6 +365,8 @@ def print_table(args, results: Results) -> None:
             print(f"| {method} | {defaults} | {backbone} | " + " | ".join(cells) + " |")
     if unmeasured:
         print(f"\nnot measured (no cell): {', '.join(unmeasured)}")
+    if refused:
+        print(f"\nrefused (the method does not run on that backbone; docs/backbones.md): {', '.join(refused)}")
     seconds = sum(row.get("seconds", 0.0) for row in results.rows.values())
     print(f"\ncells: default val / best grid val @ its base lr = ratio. {len(results.rows)} runs in {args.results}, "
           f"{seconds / 3600:.2f} h of run time in all (one torch thread each).\n")
