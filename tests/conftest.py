@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# the output tests assume no terminal size in the environment (a pytest-xdist worker has COLUMNS=80 and
+# LINES=24); a test that wants one sets it with monkeypatch
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+# under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of the cores
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _workers))
 
 from vistune.backbones import load_backbone  # noqa: E402
 
