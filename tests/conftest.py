@@ -41,6 +41,13 @@ def tiny_backbone(kind: str):
     return load_backbone(arch, random_init=True, model_kwargs=kwargs)
 
 
+def pytest_collection_modifyitems(items):
+    """Files with a ``long_running`` test first (a stable sort: the order within and among the others stays).
+    pytest-xdist's --dist loadfile hands out files in this order, so the longest one does not start last."""
+    long_files = {item.path for item in items if item.get_closest_marker("long_running")}
+    items.sort(key=lambda item: item.path not in long_files)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbones():
     cache = {}

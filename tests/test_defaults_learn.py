@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import IMAGE_SIZE
 
 from vistune.backbones import OFFLINE_BACKBONES, load_backbone
 from vistune.data import load_data
-from vistune.methods import METHODS
+from vistune.methods import METHODS, adapt, make_config
 from vistune.run import Job, preprocessing_for, run_job, transforms_for
 from vistune.training import TrainConfig
 
@@ -76,9 +77,8 @@ def test_the_families_cover_every_category_and_kind():
 
 @pytest.mark.parametrize("method", sorted(m for m, i in METHODS.items() if i.method_class.default_lrs_by_family))
 def test_a_family_default_lr_replaces_the_methods_own_on_that_family_only(method, tiny_backbones):
-    """bias, ssf, lora, dora, ln-tuning and full train CNNs (the generic view) at their own lr: the ViT's
-    AdamW 0.05 (full: 0.01) reached 0.54-0.90 of the best on MobileNetV2 or EfficientNet-Lite0 (docs/defaults.md)."""
-    from vistune.methods import adapt
+    """bias, ssf, lora, dora, ln-tuning, full, sct, sidetune and vpt-pad train CNNs (the generic view) at their
+    own lr, measured (docs/defaults.md): e.g. the ViT's AdamW 0.05 reached 0.54 (ssf) of the best on MobileNetV2."""
 
     cls = METHODS[method].method_class
     optimizer = cls.default_optimizer
@@ -86,7 +86,7 @@ def test_a_family_default_lr_replaces_the_methods_own_on_that_family_only(method
         backbone = tiny_backbones(kind)
         if not METHODS[method].supports(backbone):
             continue
-        model = adapt(backbone, method, num_classes=3)
+        model = adapt(backbone, make_config(method, image_size=IMAGE_SIZE), num_classes=3)
         expected = cls.default_lrs_by_family.get(backbone.family, cls.default_lrs)[optimizer]
         assert TrainConfig().default_lr(model) == expected  # the adapted model's own family is used
         assert TrainConfig().default_lr(cls, backbone.family) == expected

@@ -26,8 +26,9 @@ class LNTuning(PeftMethod):
     Config = MethodConfig  # no options: every norm layer is tuned
     default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
     default_lrs = {"adamw": 0.1}  # base lr (× batch/256); 0.05 reached 0.88 of the best on the ViT
-    # CNNs (the generic view: BatchNorm affines): 0.1 stayed near chance on MobileNetV2 (val 0.235; 0.02: 0.800)
-    default_lrs_by_family = {"generic": {"adamw": 0.02}}
+    # CNNs (the generic view: BatchNorm affines): 0.1 stayed near chance on MobileNetV2 (val 0.235; 0.02: 0.800);
+    # 0.02 reached 0.66 of the best on its clevr-count, 0.01 passes every CNN cell measured (docs/defaults.md)
+    default_lrs_by_family = {"generic": {"adamw": 0.01}}
 
     def select_targets(self, backbone, config):
         found = {name: "norm" for name, m in backbone.model.named_modules()
