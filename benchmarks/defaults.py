@@ -206,15 +206,12 @@ def load_task(backbone, task: str, args):
 
 
 def refusal(backbone, method: str) -> str | None:
-    """Why ``method`` does not run on ``backbone`` (None: it does). Besides what the method needs of the view
-    (families "any": nothing), ``adapt`` itself may refuse — peft's VeRA/OFT/BOFT/FourierFT layers take nn.Linear
-    only, and a CNN such as MobileNetV2 calls none — as docs/backbones.md's support table records."""
+    """Why ``adapt`` refuses ``method`` on ``backbone`` (None: it runs): a family the method does not support, or
+    no module it can take (peft's VeRA/OFT/BOFT/FourierFT layers take nn.Linear only, and a CNN such as MobileNetV2
+    calls none), as docs/backbones.md's support table records."""
     from vistune.errors import VistuneError
-    from vistune.methods import METHODS, adapt, make_config
+    from vistune.methods import adapt, make_config
 
-    info = METHODS[method]
-    if not info.supports(backbone):
-        return f"supports {', '.join(info.families)}, not the {backbone.family} family"
     try:
         adapt(backbone, make_config(method, image_size=image_size(backbone)), num_classes=2)
     except VistuneError as e:

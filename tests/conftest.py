@@ -14,9 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # LINES=24); a test that wants one sets it with monkeypatch
 for _var in ("COLUMNS", "LINES"):
     os.environ.pop(_var, None)
-# under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of the cores
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _workers))
+
+
+def thread_share(threads: int) -> int:
+    """This process's share of ``threads`` torch threads: under pytest-xdist (scripts/test.sh runs one worker per
+    core) each worker gets its share, as more threads than cores slow every worker down."""
+    return max(1, threads // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+torch.set_num_threads(thread_share(min(2, torch.get_num_threads())))
 
 from vistune.backbones import load_backbone  # noqa: E402
 

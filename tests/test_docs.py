@@ -5,7 +5,6 @@ import os
 import re
 from pathlib import Path
 
-
 from conftest import torch_threads
 from vistune.cli.info import methods_markdown
 from vistune.methods import METHODS

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import torch_threads
+from conftest import thread_share, torch_threads
 from test_learning_real import needs_lite0
 
 from vistune.backbones import load_backbone
@@ -33,9 +33,8 @@ def lite0():
 @pytest.fixture()
 def all_threads():
     """A 128-px CNN with a decoder is no tiny model: two threads are ~1.6x faster than one here (under
-    pytest-xdist: this worker's share of the cores, as more threads than cores slow every worker down)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    with torch_threads(max(1, max(2, os.cpu_count() or 1) // workers)):
+    pytest-xdist: this worker's share of them)."""
+    with torch_threads(thread_share(max(2, os.cpu_count() or 1))):
         yield
 
 
