@@ -343,9 +343,12 @@ class DivergenceCheck:
     - *collapse*: a whole epoch after the warm-up (and not the first epoch) whose train accuracy is at chance (at
       most the majority-class rate plus max(0.02, two binomial standard errors)) *and* whose loss is no better than
       predicting the class frequencies (≥ ``PRIOR_LOSS`` × their entropy), in a run whose loss had blown up
-      (some step above ``BLOWUP`` × the first step's loss) — what a too-high lr leaves behind: dead features, one
-      predicted class, loss ln K. The blow-up condition keeps a run that has merely not started learning yet (a
-      tiny lr, a genuinely hard task) from being called diverged.
+      (some step above ``BLOWUP`` × the first step's loss) or whose loss sat over ``ROSE`` × the first step's
+      for this epoch and the one before — what a too-high lr leaves behind: dead features, one predicted class,
+      loss ln K or worse (OFT at SGD 1.0 on the own ViT × digits went 2.5, 3.4, 3.6, 3.6 and ended at val 0.115,
+      docs/defaults.md). Those conditions keep a run that has merely not started learning yet (a tiny lr, a
+      genuinely hard task: its loss stays where it started) from being called diverged, and one bad epoch that a
+      run recovers from (VPT-shallow's default on the same task: 2.4, 3.2, 2.3, 1.5, val 0.49) from stopping it.
 
     Everything it needs survives a resume in the epoch history (``start_loss`` in the first entry,
     ``max_train_loss`` in each), so a resumed run stops exactly where the uninterrupted one does; the window
@@ -355,12 +358,14 @@ class DivergenceCheck:
     EXPLODE = 10.0
     WINDOW = 10
     BLOWUP = 5.0
+    ROSE = 1.25
     PRIOR_LOSS = 0.9
 
     def __init__(self, cfg: TrainConfig, base_lr: float, history: list[dict]):
         self.cfg, self.base_lr = cfg, base_lr
         self.start_loss: float | None = history[0].get("start_loss", history[0]["train_loss"]) if history else None
         self.peak_loss = max((h.get("max_train_loss", h["train_loss"]) for h in history), default=-math.inf)
+        self.previous_epoch_loss: float | None = history[-1]["train_loss"] if history else None
         self.start_epoch()
 
     def start_epoch(self) -> None:
@@ -387,6 +392,7 @@ class DivergenceCheck:
     def epoch_end(self, epoch: int, correct: float, label_counts: list[float], mean_loss: float, lr: float,
                   after_warmup: bool) -> None:
         """``correct`` / ``label_counts``: the epoch's training predictions (all processes) by class."""
+        previous, self.previous_epoch_loss = self.previous_epoch_loss, mean_loss
         seen = sum(label_counts)
         if not after_warmup or seen == 0 or self.start_loss is None:
             return
@@ -395,13 +401,15 @@ class DivergenceCheck:
         prior = -sum(c / seen * math.log(c / seen) for c in label_counts if c > 0)
         accuracy = correct / seen
         blew_up = self.peak_loss > self.BLOWUP * self.start_loss
-        if accuracy <= chance + margin and mean_loss >= self.PRIOR_LOSS * prior and blew_up:
+        rose = previous is not None and min(mean_loss, previous) > self.ROSE * self.start_loss
+        if accuracy <= chance + margin and mean_loss >= self.PRIOR_LOSS * prior and (blew_up or rose):
+            after = (f"after the loss had blown up to {self.peak_loss:.4g}" if blew_up else
+                     f"and for two epochs it sat over {self.ROSE:g}× the first step's loss")
             raise TrainingDiverged(
                 f"training collapsed at epoch {epoch + 1} (effective lr {lr:.4g}): train accuracy {accuracy:.3f} over "
                 f"the whole epoch is at chance (majority class {chance:.3f}) and the loss {mean_loss:.4g} is no "
-                f"better than predicting the class frequencies ({prior:.4g}), after the loss had blown up to "
-                f"{self.peak_loss:.4g} (the first step's: {self.start_loss:.4g})",
-                _lower_lr_fix(self.cfg, self.base_lr))
+                f"better than predicting the class frequencies ({prior:.4g}), {after} (the first step's: "
+                f"{self.start_loss:.4g})", _lower_lr_fix(self.cfg, self.base_lr))
 
 
 def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
