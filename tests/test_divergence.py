@@ -1,6 +1,7 @@
 """Finite divergence: a loss that explodes and a collapse to chance after a blow-up or a lasting rise stop with
 TrainingDiverged, naming the epoch, the effective lr and a lower lr to try; a hard task, a slow start, a warm-up or
-one bad epoch do not (DivergenceCheck in training/trainer.py). Rules on exact loss sequences, the trainer on tiny models."""
+one bad epoch do not (DivergenceCheck in training/trainer.py). Rules on exact loss sequences, the trainer on tiny
+models."""
 from __future__ import annotations
 
 import pytest
