@@ -38,3 +38,26 @@ def test_readme_python_example_runs_as_written(tmp_path):
     assert namespace["metrics"]["test_accuracy"] is not None
     result = namespace["vistune"].evaluate(namespace["reloaded"], namespace["test_set"])
     assert result["n"] == len(namespace["test_set"]) and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_defaults_page_states_every_methods_default_optimizer_and_lrs():
+    """docs/defaults.md's first table: each method once, with its default optimizer, its own base lr first and
+    every family override as "**LR on CNNs**" (the generic view) or "**LR on ViTs**"."""
+    from vistune.training import TrainConfig
+
+    text = (ROOT / "docs" / "defaults.md").read_text()
+    table = re.search(r"\| methods \| optimizer \|.*?\n\n", text, re.S).group(0).strip().splitlines()[2:]
+    labels = {"generic": "CNNs", "vit": "ViTs"}
+    seen = []
+    for row in table:
+        names, optimizer, lr, _ = (c.strip() for c in row.strip("|").split("|"))
+        for name in names.split(", "):
+            seen.append(name)
+            cls = METHODS[name].method_class
+            assert optimizer.split(",")[0].lower() == cls.default_optimizer, row
+            own = cls.default_lrs.get(cls.default_optimizer, TrainConfig.DEFAULT_LR[cls.default_optimizer])
+            assert float(re.match(r"[\d.]+", lr).group(0)) == own, row
+            claims = re.findall(r"\*\*([\d.]+) on (\w+)\*\*", lr)
+            overrides = {labels[f]: lrs[cls.default_optimizer] for f, lrs in cls.default_lrs_by_family.items()}
+            assert {where: float(v) for v, where in claims} == overrides, row
+    assert sorted(seen) == sorted(METHODS)

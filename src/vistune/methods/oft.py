@@ -45,6 +45,9 @@ class OFT(PeftMethod):
     default_targets = {"transformer": "qv", "generic": "linear"}
     linear_only = True
     flat_inputs_only = True  # peft 0.21.2's OFT unfolds a Linear's 4-D input as if it were a conv's (shape error)
+    # base lr (× batch/256; SGD, vistune's peft recipe): the recipe's 1.0 stayed at chance on the own ViT × digits
+    # (val 0.115, the loss rising); 0.5 reached ≥ 0.99 of the best there and on fashion-mnist (docs/defaults.md)
+    default_lrs = {"sgd": 0.5}
 
     def attach(self):
         with warnings.catch_warnings():  # peft shrinking the block size to a divisor of the layer's input size
