@@ -78,8 +78,8 @@ def test_the_families_cover_every_category_and_kind():
 @pytest.mark.parametrize("method", sorted(m for m, i in METHODS.items() if i.method_class.default_lrs_by_family))
 def test_a_family_default_lr_replaces_the_methods_own_on_that_family_only(method, tiny_backbones):
     """bias, ssf, lora, dora (LoRA's), ln-tuning, full, sidetune and vpt-pad train CNNs (the generic view) at their
-    own lr, linear, bias and ia3 the ViTs, measured (docs/defaults.md): e.g. the ViT's AdamW 0.05 reached 0.54 (ssf) of
-    the best on MobileNetV2."""
+    own lr, linear, bias, ia3, adapter-plus and pro-tuning the ViTs, measured (docs/defaults.md): e.g. the ViT's
+    AdamW 0.05 reached 0.54 (ssf) of the best on MobileNetV2."""
 
     cls = METHODS[method].method_class
     optimizer = cls.default_optimizer
