@@ -132,11 +132,9 @@ def mean_row(rows: list[dict]) -> dict:
     if len(rows) == 1:
         return rows[0]
     ok = [r for r in rows if r["status"] == "ok"]
-    out = dict(rows[0], seeds=len(rows))
-    if not ok:
-        return out
-    out.update(ok[0], seeds=len(rows), status="ok",
-               val_accuracy=sum(r["val_accuracy"] for r in ok) / len(rows))
+    out = dict(ok[0] if ok else rows[0], seeds=len(rows))
+    if ok:
+        out["val_accuracy"] = sum(r["val_accuracy"] for r in ok) / len(rows)
     return out
 
 

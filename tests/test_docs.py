@@ -48,16 +48,15 @@ def test_defaults_page_states_every_methods_default_optimizer_and_lrs():
     text = (ROOT / "docs" / "defaults.md").read_text()
     table = re.search(r"\| methods \| optimizer \|.*?\n\n", text, re.S).group(0).strip().splitlines()[2:]
     labels = {"generic": "CNNs", "vit": "ViTs"}
-    seen = []
+    cfg, seen = TrainConfig(), []
     for row in table:
         names, optimizer, lr, _ = (c.strip() for c in row.strip("|").split("|"))
         for name in names.split(", "):
             seen.append(name)
             cls = METHODS[name].method_class
-            assert optimizer.split(",")[0].lower() == cls.default_optimizer, row
-            own = cls.default_lrs.get(cls.default_optimizer, TrainConfig.DEFAULT_LR[cls.default_optimizer])
-            assert float(re.match(r"[\d.]+", lr).group(0)) == own, row
+            assert optimizer.split(",")[0].lower() == cfg.resolved_optimizer(cls), row
+            assert float(re.match(r"[\d.]+", lr).group(0)) == cfg.default_lr(cls), row
             claims = re.findall(r"\*\*([\d.]+) on (\w+)\*\*", lr)
-            overrides = {labels[f]: lrs[cls.default_optimizer] for f, lrs in cls.default_lrs_by_family.items()}
+            overrides = {labels[f]: cfg.default_lr(cls, f) for f in cls.default_lrs_by_family}
             assert {where: float(v) for v, where in claims} == overrides, row
     assert sorted(seen) == sorted(METHODS)

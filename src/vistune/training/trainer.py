@@ -351,7 +351,7 @@ class DivergenceCheck:
       run recovers from (VPT-shallow's default on the same task: 2.4, 3.2, 2.3, 1.5, val 0.49) from stopping it.
 
     Everything it needs survives a resume in the epoch history (``start_loss`` in the first entry,
-    ``max_train_loss`` in each), so a resumed run stops exactly where the uninterrupted one does; the window
+    ``max_train_loss`` and ``train_loss`` in each), so a resumed run stops exactly where the uninterrupted one does; the window
     restarts every epoch for the same reason. Under torchrun every process sees the same (all-reduced) losses and
     counts, so all of them stop at the same step."""
 
