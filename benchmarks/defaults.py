@@ -19,6 +19,8 @@ Results are appended to a JSON-lines file, one run per line, and finished runs a
 of a method's defaults made before its default lr changed), so the benchmark can run in pieces (e.g. one backbone
 or method per invocation) and the table is printed from the file (``--table-only``). clevr-count scores every
 setting by its mean over training seeds 0, 1 and 2 (``TASK_SEEDS``; ``--seeds`` overrides it for every task).
+``--extra-lrs`` also runs base lrs between the grid points (candidates for a default, with the default
+optimizer): they never count as a cell's best, and once a default moves to one, that run is the default's run.
 
 Examples (docs/defaults.md has the exact commands of its table):
   python benchmarks/defaults.py --backbones tf_efficientnet_lite0 --tasks fashion-mnist --methods ssf \\
@@ -65,6 +67,9 @@ def parse_args():
     p.add_argument("--search", choices=["climb", "full", "none"], default="climb",
                    help="how much of the grid to run (none: only the default runs)")
     p.add_argument("--auto", action="store_true", help="also run each method with --lr auto")
+    p.add_argument("--extra-lrs", default="",
+                   help="comma-separated base lrs off the grid to run too, with the method's default optimizer: "
+                        "candidates for a default between two grid points (they never count as the grid's best)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                    help="grid with this optimizer instead of the method's default (exploration; no default run)")
     p.add_argument("--results", default="defaults-results.jsonl", help="JSON-lines file of finished runs")
@@ -311,16 +316,28 @@ def run_all(args, results: Results) -> None:
                           linear_floor(results, args, backbone_name, task))
                 elif args.search == "full":
                     full(run, grid)
+                for lr in extra_lrs(args):
+                    run(lr)
                 if args.optimizer is None:
-                    if default_lr not in grid:  # the default is its own run; on the grid it is that grid point
-                        run_point(args, results, backbone, task, data, method, None, None, default_lr)
+                    if default_row(results, args, backbone_name, task, method, optimizer, default_lr) is None:
+                        if default_lr in grid:  # --search none
+                            run(default_lr)
+                        else:
+                            run_point(args, results, backbone, task, data, method, None, None, default_lr)
                     if args.auto:
                         run_point(args, results, backbone, task, data, method, None, "auto")
 
 
+def extra_lrs(args) -> list[float]:
+    return [float(lr) for lr in args.extra_lrs.split(",") if lr.strip()]
+
+
 def default_row(results: Results, args, backbone: str, task: str, method: str, optimizer: str, default_lr: float):
-    if default_lr in GRIDS[optimizer]:
-        return point_row(results, args, backbone, task, method, optimizer, default_lr)
+    """The run of the method's defaults; a default on the grid, or one that ran as an ``--extra-lrs`` candidate,
+    is that setting's run (the same computation)."""
+    row = point_row(results, args, backbone, task, method, optimizer, default_lr)
+    if default_lr in GRIDS[optimizer] or row is not None:
+        return row
     row = point_row(results, args, backbone, task, method, None, None)
     return None if row is None or stale(row, default_lr) else row
 

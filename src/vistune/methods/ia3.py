@@ -17,8 +17,9 @@ from .peft_common import PeftMethod, exact_names, require_peft
 class IA3(PeftMethod):
     default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
     default_lrs = {"adamw": 0.05}  # base lr (× batch/256)
-    # the own ViT: 0.05 reached 0.85 of the best (0.2) on digits, 0.1 ≥ 0.96 there and on fashion-mnist
-    default_lrs_by_family = {"vit": {"adamw": 0.1}}
+    # the own ViT: 0.05 reached 0.85 of the best (0.2) on digits, 0.1 reached 0.88 on clevr-count (3 seeds);
+    # 0.2 is ≥ 0.95 on all four tasks (docs/defaults.md)
+    default_lrs_by_family = {"vit": {"adamw": 0.2}}
     default_targets = {"transformer": "kv+fc2", "generic": "dense"}
     fallback_targets = "fc2"
 

@@ -25,10 +25,11 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm
 class LNTuning(PeftMethod):
     Config = MethodConfig  # no options: every norm layer is tuned
     default_optimizer = "adamw"  # docs/defaults.md: measured against the lr grid
-    default_lrs = {"adamw": 0.1}  # base lr (× batch/256); 0.05 reached 0.88 of the best on the ViT
+    default_lrs = {"adamw": 0.1}  # base lr (× batch/256)
+    # the own ViT: 0.1 reached 0.85 of the best (0.2) on clevr-count (3 seeds), 0.2 is the best on all four tasks
     # CNNs (the generic view: BatchNorm affines): 0.1 stayed near chance on MobileNetV2 (val 0.235; 0.02: 0.800);
     # 0.02 reached 0.66 of the best on its clevr-count, 0.01 passes every CNN cell measured (docs/defaults.md)
-    default_lrs_by_family = {"generic": {"adamw": 0.01}}
+    default_lrs_by_family = {"generic": {"adamw": 0.01}, "vit": {"adamw": 0.2}}
 
     def select_targets(self, backbone, config):
         found = {name: "norm" for name, m in backbone.model.named_modules()
