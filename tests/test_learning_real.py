@@ -129,7 +129,14 @@ def test_cifar10_vit_transfers_to_mnist_better_than_random_init():
     assert vit.fingerprint() != rand.fingerprint()
     data = splits(vit, "mnist5k", 32)
     pre = fit(vit, data, "mnist5k", 32, "linear", epochs=50, lr=0.5)
-    scratch = fit(rand, data, "mnist5k", 32, "linear", epochs=50, lr=0.5)
+    try:
+        scratch = fit(rand, data, "mnist5k", 32, "linear", epochs=50, lr=0.5)
+    except TrainingDiverged as e:
+        # lr 0.5 on random features is at the edge: it finished here (2026-12-03: test 0.329, val 0.325) but CI's
+        # run collapsed at epoch 6 and the divergence stop ended it; then random init gets a lower lr, which
+        # measured test 0.278 (val 0.290) at lr 0.1, still far under the pretrained probe
+        assert "effective lr" in e.what
+        scratch = fit(rand, data, "mnist5k", 32, "linear", epochs=50, lr=0.1)
     # measured on 2026-11-23, 2-core CPU: pretrained test 0.796 (val 0.815), random init 0.335 (val 0.325);
     # on fashion-mnist the same probe measured 0.737 vs 0.524
     assert pre["test_accuracy"] >= 0.72
